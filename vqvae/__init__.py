@@ -1,0 +1,1 @@
+"""Image tokenizers: images (uint8) <-> discrete codes."""

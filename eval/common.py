@@ -1,0 +1,83 @@
+"""What every evaluation entry point shares: its config, loading a run's pipeline, JSON + table output."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from chameleon_jax.configlib import param
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Settings shared by the evaluation entry points (`python -m eval.<task> key=value ...`)."""
+
+    run_dir: str = param("runs/demo", "run directory: holds lm/model/ (or model/) and receives the results")
+    model_dir: str = param("", "model directory to evaluate; empty = <run_dir>/lm/model, else <run_dir>/model")
+    split: str = param("test", "Shapes split: train, validation, test or heldout")
+    image_size: int = param(64, "Shapes image size in pixels")
+    num_examples: int = param(200, "how many examples to score (0 = the whole split)")
+    batch_size: int = param(32, "prompts generated together in one batch")
+    seed: int = param(0, "sampling seed")
+    temperature: float = param(0.0, "text sampling temperature (0 = greedy)")
+    image_temperature: float = param(1.0, "image-code sampling temperature (0 = greedy)")
+    image_top_k: int = param(0, "top-k for image codes (0 = off)")
+    cfg_scale: float = param(3.0, "classifier-free guidance scale for image tokens (1 = off)")
+    max_new_tokens: int = param(48, "generation budget for text answers and captions")
+    data_dir: str = param("", "where the Shapes data set lives; empty = the default data directory")
+
+
+def resolve_model_dir(cfg: EvalConfig) -> Path:
+    if cfg.model_dir:
+        return Path(cfg.model_dir)
+    run = Path(cfg.run_dir)
+    for candidate in (run / "lm" / "model", run / "model"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"no model directory under {run} (looked for lm/model/ and model/); set model_dir=")
+
+
+def load_run_pipeline(cfg: EvalConfig):
+    from chameleon_jax.pipeline import load_pipeline
+
+    return load_pipeline(resolve_model_dir(cfg))
+
+
+def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def take(n_total: int, n: int) -> int:
+    return n_total if n <= 0 else min(n, n_total)
+
+
+def write_results(run_dir: str | os.PathLike, name: str, results: Mapping[str, Any]) -> Path:
+    """Writes `<run_dir>/eval/<name>.json` atomically and prints the scalar results as a table."""
+    out_dir = Path(run_dir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    os.replace(tmp, path)
+    print(format_table(name, results))
+    return path
+
+
+def _jsonable(x):
+    try:
+        return x.item()
+    except AttributeError:
+        return str(x)
+
+
+def format_table(title: str, results: Mapping[str, Any]) -> str:
+    rows = [(k, v) for k, v in results.items() if isinstance(v, (int, float))]
+    width = max([len(k) for k, _ in rows] + [len(title)])
+    lines = [title, "-" * (width + 14)]
+    for k, v in rows:
+        lines.append(f"{k:<{width}}  {v:>12.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:>12d}")
+    return "\n".join(lines)

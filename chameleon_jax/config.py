@@ -45,6 +45,12 @@ class ModelConfig:
         "auto", "attention kernel: auto picks cudnn flash attention on GPU and xla elsewhere"
     )
     initializer_range: float = param(0.02, "stddev of the normal initialiser for weights")
+    qk_norm_eps: float = param(1e-5, "QK LayerNorm epsilon (the released models use 1e-5 whatever norm_eps is)")
+    remat_names: tuple[str, ...] = param(
+        ("attn_out", "mlp_out"),
+        "with remat_policy=save_names: block activations kept for the backward pass "
+        "(names: qkv_proj, attn_out, mlp_hidden, mlp_out, block_out)",
+    )
 
 
 def _tiny() -> ModelConfig:

@@ -1,0 +1,235 @@
+"""The Chameleon decoder-only transformer (Flax NNX).
+
+Llama-2 blocks plus Chameleon's stability changes: QK-norm and, for the 34B
+model, the swin-norm block `h = x + norm(attn(x)); out = h + norm(ffn(h))`.
+
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    logits_btv = model(tokens_bt)                              # training / scoring
+    cache = model.init_cache(batch)
+    logits_btv, cache = model.decode(prompt_bt, pos_bt, cache, 0, kv_mask_bs)   # prefill
+    logits_btv, cache = model.decode(next_b1, pos_b1, cache, t, kv_mask_bs)      # one step
+
+With `cfg.scan_layers` the blocks are stacked (parameters get a leading `layers`
+axis) and run with `nnx.scan`, so a deep model compiles one block, not L.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from chameleon_jax.attention import Attention, decode_mask, segment_mask
+from chameleon_jax.config import ModelConfig
+from chameleon_jax.kv_cache import CACHE_AXES, KVCache
+from chameleon_jax.layers import Embed, RMSNorm, SwiGLU, Unembed, dtype_of
+from chameleon_jax.sharding import constrain
+
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def remat_policy(cfg: ModelConfig):
+    """The `jax.checkpoint` policy for one block, or None for no rematerialisation."""
+    match cfg.remat_policy:
+        case "none":
+            return None
+        case "full":
+            return jax.checkpoint_policies.nothing_saveable
+        case "save_dots":
+            return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        case "save_names":
+            return jax.checkpoint_policies.save_only_these_names(*cfg.remat_names)
+    raise ValueError(f"unknown remat_policy {cfg.remat_policy!r}")
+
+
+class Block(nnx.Module):
+    """One decoder block: attention then SwiGLU, pre-norm or swin-norm, dropout on both outputs."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        norm = dict(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.swin_norm = cfg.swin_norm
+        self.attn_norm = RMSNorm(cfg.hidden_dim, **norm)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.hidden_dim, **norm)
+        self.mlp = SwiGLU(cfg, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(
+        self,
+        x_btd: jax.Array,
+        positions_bt: jax.Array,
+        *,
+        mask_b1ts: jax.Array | None,
+        is_causal: bool,
+        deterministic: bool,
+        dropout_key: jax.Array | None = None,
+        cache: KVCache | None = None,
+        layer=None,
+        write_index=None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        attn_key = ffn_key = None
+        if dropout_key is not None:
+            attn_key, ffn_key = jax.random.split(dropout_key)
+        attn = dict(mask_b1ts=mask_b1ts, is_causal=is_causal, cache=cache, layer=layer, write_index=write_index)
+
+        if self.swin_norm:
+            a_btd, cache = self.attn(x_btd, positions_bt, **attn)
+            a_btd = self.attn_norm(a_btd)
+        else:
+            a_btd, cache = self.attn(self.attn_norm(x_btd), positions_bt, **attn)
+        a_btd = self.dropout(a_btd, deterministic=deterministic, rngs=attn_key)
+        a_btd = checkpoint_name(a_btd, "attn_out")
+        h_btd = constrain(x_btd + a_btd, ACTIVATION_AXES)
+
+        if self.swin_norm:
+            f_btd = self.ffn_norm(self.mlp(h_btd))
+        else:
+            f_btd = self.mlp(self.ffn_norm(h_btd))
+        f_btd = self.dropout(f_btd, deterministic=deterministic, rngs=ffn_key)
+        f_btd = checkpoint_name(f_btd, "mlp_out")
+        out_btd = constrain(h_btd + f_btd, ACTIVATION_AXES)
+        return checkpoint_name(out_btd, "block_out"), cache
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """cfg.num_layers blocks with their parameters stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs=rngs)
+
+    return make(rngs)
+
+
+class Transformer(nnx.Module):
+    """Embedding, `num_layers` blocks, final RMSNorm, untied output projection; float32 logits."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_dim, init_std=cfg.initializer_range, dtype=dtype,
+                           param_dtype=pdtype, rngs=rngs)
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.hidden_dim, eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        self.lm_head = Unembed(cfg.hidden_dim, cfg.vocab_size, init_std=cfg.initializer_range, dtype=dtype,
+                               param_dtype=pdtype, rngs=rngs)
+        # Dropout draws from the model's own stream, so `model(x, deterministic=False)` needs no key argument.
+        self.dropout_rngs = rngs.dropout.fork()
+
+    # ------------------------------------------------------------------ public API
+
+    def __call__(
+        self,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Causal logits [B, T, V] (float32).
+
+        positions_bt: RoPE positions, default arange(T) for every row (packed rows restart
+          them per document). segment_ids_bt: with packing, a token attends only to earlier
+          tokens carrying the same segment id.
+        """
+        _, t = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_bt.shape)
+        mask_b1ts = None if segment_ids_bt is None else segment_mask(segment_ids_bt)
+        x_btd = constrain(self.embed(tokens_bt), ACTIVATION_AXES)
+        x_btd, _ = self._blocks(x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=True, deterministic=deterministic)
+        return self.lm_head(self.final_norm(x_btd))
+
+    def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An all-zero cache: k, v of shape [layers, batch, max_len, kv_heads, head_dim] in cfg.dtype."""
+        cfg = self.cfg
+        cache = KVCache.zeros(cfg.num_layers, batch, max_len or cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim,
+                              dtype_of(cfg.dtype))
+        return KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES))
+
+    def decode(
+        self,
+        tokens_bt: jax.Array,
+        positions_bt: jax.Array,
+        cache: KVCache,
+        write_index: jax.Array | int,
+        kv_mask_bs: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs T new tokens against the cache; returns their logits [B, T, V] and the new cache.
+
+        Their keys and values (rotated at positions_bt) go to slots [write_index, write_index+T)
+        of every row. Query t of row b sees slot s iff kv_mask_bs[b, s] and s <= write_index + t,
+        so kv_mask_bs must already be True at the new tokens' slots. Prefill is T = prompt
+        length with write_index 0; a step is T = 1.
+        """
+        _, t = tokens_bt.shape
+        mask_b1ts = decode_mask(kv_mask_bs, write_index, t)
+        x_btd = constrain(self.embed(tokens_bt), ACTIVATION_AXES)
+        x_btd, cache = self._blocks(
+            x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=False, deterministic=True,
+            cache=cache, write_index=jnp.asarray(write_index, jnp.int32),
+        )
+        return self.lm_head(self.final_norm(x_btd)), cache
+
+    # ------------------------------------------------------------------ layers
+
+    def _blocks(self, x_btd, positions_bt, *, mask_b1ts, is_causal, deterministic, cache=None, write_index=None):
+        cfg = self.cfg
+        keys = None
+        if not deterministic and cfg.dropout > 0:
+            keys = jax.random.split(self.dropout_rngs(), cfg.num_layers)
+
+        def run(block, x_btd, key, layer, cache):
+            return block(x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=is_causal, deterministic=deterministic,
+                         dropout_key=key, cache=cache, layer=layer, write_index=write_index)
+
+        policy = remat_policy(cfg)
+        if cache is None and cfg.remat_policy != "none":
+            inner = run
+
+            def run(block, x_btd, key, layer, cache):
+                return nnx.remat(lambda b, x, k: inner(b, x, k, None, None), policy=policy)(block, x_btd, key)
+
+        if cfg.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry)
+            def body(block, carry, key, layer):
+                x_btd, cache = carry
+                return run(block, x_btd, key, layer, cache)
+
+            layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            return body(self.blocks, (x_btd, cache), keys, layers)
+
+        for i, block in enumerate(self.blocks):
+            x_btd, cache = run(block, x_btd, None if keys is None else keys[i], i, cache)
+        return x_btd, cache
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def count_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
+    """Number of parameters of `Transformer(cfg)` (computed from the config, no allocation)."""
+    d, n, k, h, f, v = cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    attn = d * n * h + 2 * d * k * h + n * h * d
+    qk_norm = {"none": 0, "shared": 4 * h, "per_head": 2 * (n + k) * h}[cfg.qk_norm]
+    block = attn + qk_norm + 3 * d * f + 2 * d
+    total = cfg.num_layers * block + d + d * v  # blocks, final norm, output projection
+    if include_embedding:
+        total += v * d
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 N + 12 L n_heads head_dim T.
+
+    N excludes the input embedding (a lookup, not a matmul); the attention term is the
+    PaLM convention, not discounted for the causal mask.
+    """
+    n = count_params(cfg, include_embedding=False)
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len

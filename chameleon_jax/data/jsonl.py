@@ -1,0 +1,162 @@
+"""The JSON Lines user format: one document a line.
+
+    {"segments": [{"text": "a cat"}, {"image": "images/cat.png", "target": false}], "task": "caption"}
+
+Keys of a document: "segments" (required, non-empty list), "task" (optional, one
+of documents.TASKS, default "document") and "meta" (optional object). Keys of a
+segment: exactly one of "text" (string) and "image" (a path relative to the
+JSONL file's folder, or absolute), and optionally "target" (bool, default true;
+false marks a prompt part). Blank lines are allowed and skipped. Anything else
+raises DataError naming the file and the line: no document is ever dropped
+silently.
+
+Images are read with PIL and converted to RGB uint8 [H, W, 3]; images with
+transparency are composited over white first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from chameleon_jax.data.documents import TASKS, DataError, Document, Segment
+
+_DOC_KEYS = ("segments", "task", "meta")
+_SEGMENT_KEYS = ("text", "image", "target")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as RGB uint8 [H, W, 3] (grayscale, palette and alpha images converted).
+
+    Raises FileNotFoundError when missing and DataError when PIL cannot decode it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            if has_alpha:
+                rgba = im.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(canvas, rgba)
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from None
+    array = np.asarray(rgb, dtype=np.uint8)
+    if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
+        raise DataError(f"image {path} decoded to shape {list(array.shape)}, expected [H, W, 3]")
+    return array
+
+
+def _segment(raw: Any, where: str, base: Path, cache: dict[Path, np.ndarray]) -> Segment:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a segment must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SEGMENT_KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown segment key(s) {unknown}; allowed: {list(_SEGMENT_KEYS)}")
+    has_text, has_image = "text" in raw, "image" in raw
+    if has_text == has_image:
+        raise DataError(f"{where}: a segment needs exactly one of 'text' and 'image', got {'both' if has_text else 'neither'}")
+    target = raw.get("target", True)
+    if not isinstance(target, bool):
+        raise DataError(f"{where}: 'target' must be true or false, got {target!r}")
+    if has_text:
+        text = raw["text"]
+        if not isinstance(text, str) or not text:
+            raise DataError(f"{where}: 'text' must be a non-empty string, got {text!r}")
+        return Segment(text=text, is_target=target)
+    rel = raw["image"]
+    if not isinstance(rel, str) or not rel:
+        raise DataError(f"{where}: 'image' must be a path string, got {rel!r}")
+    path = (base / rel).resolve()
+    if path not in cache:
+        try:
+            image = read_image(path)
+        except FileNotFoundError:
+            raise DataError(f"{where}: image {rel!r} not found (looked for {path})") from None
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        image.flags.writeable = False  # shared by every segment that names the same file
+        cache[path] = image
+    return Segment(image=cache[path], is_target=target)
+
+
+def parse_line(line: str, where: str, base: Path, cache: dict[Path, np.ndarray] | None = None) -> Document:
+    """One JSONL line as a Document; `where` ("file:line") prefixes every error message."""
+    cache = {} if cache is None else cache
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a document must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_DOC_KEYS))
+    if unknown:
+        raise DataError(f"{where}: unknown document key(s) {unknown}; allowed: {list(_DOC_KEYS)}")
+    if "segments" not in raw:
+        raise DataError(f"{where}: the document has no 'segments' list")
+    segments = raw["segments"]
+    if not isinstance(segments, list):
+        raise DataError(f"{where}: 'segments' must be a list, got {type(segments).__name__}")
+    if not segments:
+        raise DataError(f"{where}: empty document ('segments' is an empty list)")
+    task = raw.get("task", "document")
+    if task not in TASKS:
+        raise DataError(f"{where}: unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    meta = raw.get("meta", {})
+    if not isinstance(meta, dict):
+        raise DataError(f"{where}: 'meta' must be a JSON object, got {type(meta).__name__}")
+    parsed = tuple(_segment(s, f"{where}: segment {i}", base, cache) for i, s in enumerate(segments))
+    return Document(parsed, task=task, meta=meta)
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Document]:
+    """Every document of a JSONL file, in file order. Raises DataError ("FILE:LINE: what") on the
+    first bad line, FileNotFoundError if the file itself is missing."""
+    path = Path(path)
+    base = path.resolve().parent
+    cache: dict[Path, np.ndarray] = {}
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            docs.append(parse_line(line, f"{path}:{lineno}", base, cache))
+    return docs
+
+
+def write_jsonl(documents: Iterable[Document], path: str | os.PathLike, image_dir: str = "images") -> None:
+    """Writes documents as JSONL, each image as a PNG under `image_dir` (relative to the file).
+
+    `load_jsonl(path)` reads the same documents back (meta must be JSON-serialisable).
+    """
+    path = Path(path)
+    (path.parent / image_dir).mkdir(parents=True, exist_ok=True)
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for d, doc in enumerate(documents):
+            segments = []
+            for s in doc.segments:
+                if s.image is not None:
+                    rel = f"{image_dir}/{d:06d}_{count:06d}.png"
+                    count += 1
+                    Image.fromarray(s.image).save(path.parent / rel)
+                    entry = {"image": rel}
+                else:
+                    entry = {"text": s.text}
+                if not s.is_target:
+                    entry["target"] = False
+                segments.append(entry)
+            record = {"segments": segments}
+            if doc.task != "document":
+                record["task"] = doc.task
+            if doc.meta:
+                record["meta"] = dict(doc.meta)
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,166 @@
+"""Random-access sources of Shapes examples (what `shapes.load` returns), building on first use.
+
+A source has len(), [i] -> example record (see records.make_example) and
+__getitems__ for batched reads, which is the random-access protocol grain's
+`MapDataset.source` / `DataLoader` consume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from chameleon_jax.data import paths
+from chameleon_jax.data.shapes import records, spec
+
+
+class _Source:
+    split: str
+    image_size: int
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _read(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _index(self, index: int) -> int:
+        index = int(index)
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for the {self.split!r} split of {n} examples")
+        return index
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._read(self._index(index))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self):
+        return f"{type(self).__name__}(split={self.split!r}, image_size={self.image_size}, len={len(self)})"
+
+
+class TfdsSource(_Source):
+    """A built split read through `tfds` data sources (array_record, random access)."""
+
+    def __init__(self, data_source, split: str, image_size: int):
+        self._source = data_source
+        self.split = split
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _read(self, index: int) -> dict[str, Any]:
+        return records.decode_record(self._source[index])
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        idx = [self._index(i) for i in indices]
+        return [records.decode_record(r) for r in self._source.__getitems__(idx)]
+
+
+class GeneratedSource(_Source):
+    """The same examples computed on access, with nothing stored (used where TFDS is not installed)."""
+
+    def __init__(self, split: str, image_size: int, size: int, seed: int):
+        self.split, self.image_size, self._size, self._seed = split, image_size, size, seed
+
+    def __len__(self) -> int:
+        return self._size
+
+    def _read(self, index: int) -> dict[str, Any]:
+        return records.make_example(self._seed, self.split, index, self.image_size)
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path, name: str):
+    """Serialises builds of the same config across processes (e.g. several test or data workers)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    with open(directory / f".{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _tfds_available() -> bool:
+    try:
+        import tensorflow_datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def builder(image_size: int = 64, data_dir: str | os.PathLike | None = None, sizes: Mapping[str, int] | None = None,
+            seed: int = 0):
+    """The TFDS builder for this configuration, built if it is not yet (prints progress)."""
+    from chameleon_jax.data.shapes import tfds_builder as builder_lib
+
+    config = builder_lib.make_config(image_size, sizes, seed)
+    root = paths.data_dir(data_dir)
+    b = builder_lib.ChameleonShapes(config=config, data_dir=str(root), file_format="array_record")
+    if not b.is_prepared():
+        with _build_lock(root, f"{builder_lib.ChameleonShapes.name}_{config.name}"):
+            b = builder_lib.ChameleonShapes(config=config, data_dir=str(root), file_format="array_record")
+            if not b.is_prepared():
+                total = sum(n for _, n in config.split_sizes)
+                print(f"building Shapes {config.name} ({total} examples) into {root} ...", file=sys.stderr, flush=True)
+                start = time.perf_counter()
+                b.download_and_prepare(download_dir=str(root / "downloads"))
+                print(f"built Shapes {config.name} in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    return b
+
+
+def load(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = None,
+         sizes: Mapping[str, int] | None = None, *, seed: int = 0, backend: str = "auto"):
+    """A random-access source of one split: len(), [i] -> example record (records.make_example).
+
+    sizes: examples per split, e.g. {"train": 200} (missing splits keep the defaults:
+    train 20000, validation / test / heldout 1000). The data set is built under
+    `data_dir` (paths.data_dir) on first use. backend: "tfds" reads the built
+    array_record files, "generate" computes examples on access (same records,
+    no TFDS, nothing on disk), "auto" is "tfds" when tensorflow_datasets imports.
+    """
+    if split not in spec.SPLITS:
+        raise ValueError(f"unknown Shapes split {split!r}; known splits: {', '.join(spec.SPLITS)}")
+    if backend not in ("auto", "tfds", "generate"):
+        raise ValueError(f"backend must be 'auto', 'tfds' or 'generate', got {backend!r}")
+    if backend == "auto":
+        backend = "tfds" if _tfds_available() else "generate"
+    if backend == "generate":
+        if image_size not in spec.IMAGE_SIZES:
+            raise ValueError(f"Shapes is built at {spec.IMAGE_SIZES} pixels, got image_size={image_size}")
+        return GeneratedSource(split, image_size, spec.split_sizes(sizes)[split], seed)
+    b = builder(image_size, data_dir, sizes, seed)
+    return TfdsSource(b.as_data_source(split=split), split, image_size)
+
+
+def load_images(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = None,
+                sizes: Mapping[str, int] | None = None, *, seed: int = 0, backend: str = "auto") -> np.ndarray:
+    """Every picture of a split: uint8 [N, S, S, 3] (for training the image tokenizer)."""
+    source = load(split, image_size, data_dir, sizes, seed=seed, backend=backend)
+    out = np.empty((len(source), image_size, image_size, 3), np.uint8)
+    chunk = 1024
+    for start in range(0, len(source), chunk):
+        for j, record in enumerate(source.__getitems__(range(start, min(start + chunk, len(source))))):
+            out[start + j] = record["image"]
+    return out

@@ -1,0 +1,90 @@
+"""Shapes examples as Documents for each task: caption, text-to-image, VQA, interleaved edits.
+
+Prompt parts are `is_target=False` (no loss); `meta` carries the ground truth
+an evaluation needs ("objects": canonical list of ObjectAttrs, and per task
+the caption, question type and answer, or the edits).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from chameleon_jax.data.documents import Document, Segment
+from chameleon_jax.data.shapes import raster, records, scenes, text
+
+_EDIT_STREAM = 2
+
+
+def caption_document(example: Mapping[str, Any], rng: np.random.Generator) -> Document:
+    """[image (prompt), caption (target)]; the caption is one of the example's, picked with `rng`."""
+    caption = example["captions"][int(rng.integers(len(example["captions"])))]
+    return Document(
+        (Segment(image=example["image"], is_target=False), Segment(text=caption)),
+        task="caption",
+        meta={"objects": records.example_objects(example), "caption": caption, "index": int(example["index"])},
+    )
+
+
+def t2i_document(example: Mapping[str, Any], rng: np.random.Generator) -> Document:
+    """[caption (prompt), image (target)]."""
+    caption = example["captions"][int(rng.integers(len(example["captions"])))]
+    return Document(
+        (Segment(text=caption, is_target=False), Segment(image=example["image"])),
+        task="t2i",
+        meta={"objects": records.example_objects(example), "caption": caption, "index": int(example["index"])},
+    )
+
+
+def vqa_documents(example: Mapping[str, Any]) -> list[Document]:
+    """One document per question: [image (prompt), question (prompt), answer (target)]."""
+    objects = records.example_objects(example)
+    docs = []
+    for q, a, t in zip(example["questions"], example["answers"], example["question_types"]):
+        docs.append(
+            Document(
+                (Segment(image=example["image"], is_target=False), Segment(text=q, is_target=False), Segment(text=a)),
+                task="vqa",
+                meta={"objects": objects, "question": q, "answer": a, "question_type": t,
+                      "index": int(example["index"])},
+            )
+        )
+    return docs
+
+
+def edit_document(example: Mapping[str, Any], split: str, seed: int = 0) -> Document:
+    """[image, edit sentence, image(, edit sentence, image)]: one or two single-attribute edits of the
+    example's scene, each told in words ("the red circle becomes blue.") and then shown.
+
+    Every segment is a target. Deterministic in (seed, split, example index); edits
+    never introduce a (colour, shape) pair that `split` must not show.
+    """
+    index = int(example["index"])
+    rng = scenes.example_rng(seed, split, index, _EDIT_STREAM)
+    image_size = example["image"].shape[0]
+    scene = records.example_objects(example)
+    states, edits = [scene], []
+    segments = [Segment(image=example["image"])]
+    for _ in range(1 + int(rng.integers(2))):
+        before = scene
+        scene, edit = scenes.sample_edit(rng, before, split)
+        while edits and edit.attribute == edits[-1]["attribute"] and edit.after == edits[-1]["before"]:
+            scene, edit = scenes.sample_edit(rng, before, split)  # an edit that only undoes the last one says nothing
+        segments.append(Segment(text=text.edit_sentence(edit, before, rng)))
+        segments.append(Segment(image=raster.render(scene, image_size)))
+        states.append(scene)
+        edits.append({"attribute": edit.attribute, "before": edit.before, "after": edit.after})
+    return Document(tuple(segments), task="interleaved", meta={"objects": states, "edits": edits, "index": index})
+
+
+def interleaved_documents(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = None,
+                          n: int | None = None, *, sizes: Mapping[str, int] | None = None, seed: int = 0,
+                          backend: str = "auto") -> list[Document]:
+    """Edit documents (see edit_document) for the first `n` examples of a split (all when n is None)."""
+    from chameleon_jax.data.shapes.source import load
+
+    source = load(split, image_size, data_dir, sizes, seed=seed, backend=backend)
+    count = len(source) if n is None else min(int(n), len(source))
+    return [edit_document(source[i], split, seed) for i in range(count)]

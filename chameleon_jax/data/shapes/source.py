@@ -116,11 +116,14 @@ def builder(image_size: int = 64, data_dir: str | os.PathLike | None = None, siz
     from chameleon_jax.data.shapes import tfds_builder as builder_lib
 
     config = builder_lib.make_config(image_size, sizes, seed)
+    # TFDS takes a registered config by name only; others are passed as objects.
+    registered = {c.name for c in builder_lib.ChameleonShapes.BUILDER_CONFIGS}
+    config_arg = config.name if config.name in registered else config
     root = paths.data_dir(data_dir)
-    b = builder_lib.ChameleonShapes(config=config, data_dir=str(root), file_format="array_record")
+    b = builder_lib.ChameleonShapes(config=config_arg, data_dir=str(root), file_format="array_record")
     if not b.is_prepared():
         with _build_lock(root, f"{builder_lib.ChameleonShapes.name}_{config.name}"):
-            b = builder_lib.ChameleonShapes(config=config, data_dir=str(root), file_format="array_record")
+            b = builder_lib.ChameleonShapes(config=config_arg, data_dir=str(root), file_format="array_record")
             if not b.is_prepared():
                 total = sum(n for _, n in config.split_sizes)
                 print(f"building Shapes {config.name} ({total} examples) into {root} ...", file=sys.stderr, flush=True)

@@ -81,3 +81,44 @@ def format_table(title: str, results: Mapping[str, Any]) -> str:
     for k, v in rows:
         lines.append(f"{k:<{width}}  {v:>12.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:>12d}")
     return "\n".join(lines)
+
+
+def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, **kwargs) -> list[list]:
+    """Runs `pipe.generate` over `prompts` in batches of `cfg.batch_size` with a progress bar."""
+    from tqdm import tqdm
+
+    results: list[list] = []
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
+    for i, chunk in enumerate(batched(list(prompts), cfg.batch_size)):
+        results.extend(pipe.generate(list(chunk), seed=cfg.seed + i, **kwargs))
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def text_of(segments: Sequence[Any]) -> str:
+    """The generated text of a result (its str segments joined)."""
+    return " ".join(s.strip() for s in segments if isinstance(s, str)).strip()
+
+
+def images_of(segments: Sequence[Any]) -> list:
+    """The generated images of a result, in order."""
+    return [s for s in segments if not isinstance(s, str)]
+
+
+def save_png(run_dir: str | os.PathLike, rel_path: str, image) -> str:
+    """Saves a uint8 [H, W, 3] image under the run directory; returns the path relative to it."""
+    from PIL import Image
+
+    path = Path(run_dir) / rel_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return rel_path
+
+
+def load_examples(cfg: EvalConfig, split: str | None = None) -> list[dict[str, Any]]:
+    """The first `cfg.num_examples` examples of a Shapes split."""
+    from chameleon_jax.data import shapes
+
+    source = shapes.load(split or cfg.split, cfg.image_size, cfg.data_dir or None)
+    return [source[i] for i in range(take(len(source), cfg.num_examples))]

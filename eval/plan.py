@@ -1,0 +1,560 @@
+"""Memory planner: bytes per device of one training step, from abstract shapes only.
+
+    python -m eval.plan --preset chameleon-7b --mesh fsdp=8 --batch 8 --seq 4096 --accelerator v5p
+    python -m eval.plan --preset chameleon-34b --mesh data=2,fsdp=16,tensor=2 --batch 32 --seq 4096 --remat full
+    python -m eval.plan --preset tiny --mesh data=2,fsdp=2,tensor=2 --batch 16 --seq 128 --compile   # + XLA's figures
+    python -m eval.plan ... --json                                                                    # machine output
+
+Nothing is allocated: the project's `Trainer` builds its state with `jax.eval_shape`
+on an `AbstractMesh`, and every leaf's per-device shard comes from the real model's
+logical-axis metadata and the rules table (`MeshConfig.rules`). The estimate per device:
+
+- parameters, optimizer state (the real optimizer's state: AdamW mu and nu), other state;
+- gradients: one buffer per parameter, same shape, dtype and sharding;
+- gathered weights: under FSDP each block's weights (and, in the backward pass, their
+  gradients) exist unsharded over `fsdp` for a moment; the largest such set is counted;
+- activations: an analytic count of what the backward pass keeps per block under the
+  remat policy (see `SAVED_BY_POLICY`), times the number of blocks, plus one block's full
+  set while it is recomputed, plus the float32 logits and their gradient.
+
+`--compile` also lowers and compiles the real train step for the same config on this
+machine's (fake CPU) devices and prints XLA's `memory_analysis()` beside the estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any, Sequence
+
+from chameleon_jax import configlib
+from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig, chameleon_ffn_dim
+from eval import accelerators
+
+MESH_AXES = ("data", "fsdp", "tensor")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _chameleon_1b() -> ModelConfig:
+    """A ~1.1B-parameter model of the Chameleon family (Llama-style widths, 64K vocabulary),
+    sized for one accelerator: used by eval.gpu_check to measure training MFU."""
+    return ModelConfig(
+        vocab_size=65536, hidden_dim=2048, num_layers=16, num_heads=16, num_kv_heads=16, head_dim=128,
+        ffn_dim=chameleon_ffn_dim(2048), max_seq_len=4096, qk_norm="shared", swin_norm=False, dropout=0.0,
+        dtype="bfloat16", scan_layers=True, remat_policy="save_dots",
+    )
+
+
+EXTRA_PRESETS = {"chameleon-1b": _chameleon_1b}
+
+
+def presets() -> dict[str, Any]:
+    return {**MODEL_PRESETS, **EXTRA_PRESETS}
+
+
+# --------------------------------------------------------------------------- mesh
+
+
+def mesh_sizes(mesh_cfg: MeshConfig, num_devices: int | None) -> dict[str, int]:
+    """Axis sizes of the ('data', 'fsdp', 'tensor') mesh (in-slice size x across-slice size).
+
+    One in-slice size may be -1; it then takes the devices left over, which needs `num_devices`.
+    """
+    ici = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    dcn = [mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, mesh_cfg.dcn_tensor]
+    if any(s < 1 for s in dcn) or any(s == 0 or s < -1 for s in ici) or ici.count(-1) > 1:
+        raise configlib.ConfigError(f"mesh sizes must be positive (one in-slice size may be -1), got {mesh_cfg}")
+    if -1 in ici:
+        if num_devices is None:
+            raise configlib.ConfigError("a mesh size of -1 needs --devices (the total device count)")
+        slices = math.prod(dcn)
+        fixed = math.prod(s for s in ici if s != -1)
+        if num_devices % (slices * fixed):
+            raise configlib.ConfigError(f"{num_devices} devices do not split into {slices} slice(s) of {fixed}*k")
+        ici[ici.index(-1)] = num_devices // (slices * fixed)
+    sizes = {a: i * d for a, i, d in zip(MESH_AXES, ici, dcn)}
+    if num_devices is not None and math.prod(sizes.values()) != num_devices:
+        raise configlib.ConfigError(f"mesh {sizes} has {math.prod(sizes.values())} devices, --devices says {num_devices}")
+    return sizes
+
+
+def parse_mesh(text: str) -> MeshConfig:
+    """'data=2,fsdp=4,tensor=1' (any MeshConfig size field; unnamed in-slice sizes are 1)."""
+    cfg = MeshConfig(data=1, fsdp=1, tensor=1)
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise configlib.ConfigError("--mesh needs sizes like data=2,fsdp=4,tensor=1")
+    return configlib.apply_overrides(cfg, items)
+
+
+def abstract_mesh(sizes: dict[str, int]):
+    from jax.sharding import AbstractMesh
+
+    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclasses.dataclass
+class Leaf:
+    group: str  # params | optimizer | other
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    spec: str
+    global_bytes: int
+    device_bytes: int
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(p for p in parts if p != "value")
+
+
+def make_trainer(cfg: ModelConfig, mesh, rules):
+    """The project's Trainer (real optimizer, real sharding rules) on `mesh`; nothing allocated."""
+    from train.optim import OptimConfig, make_optimizer
+    from train.step import Trainer
+
+    return Trainer(cfg, make_optimizer(OptimConfig(), total_steps=1000), mesh, rules)
+
+
+def state_leaves(trainer) -> list[Leaf]:
+    """Every leaf of the abstract train state with its shard size on the trainer's mesh."""
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_leaves_with_path(trainer.abstract_state)
+    shardings = jax.tree.leaves(trainer.state_shardings)
+    assert len(leaves) == len(shardings), (len(leaves), len(shardings))
+    out = []
+    for (path, a), s in zip(leaves, shardings):
+        top = str(getattr(path[0], "key", path[0]))
+        group = {"params": "params", "opt_state": "optimizer"}.get(top, "other")
+        shape = tuple(a.shape)
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            itemsize, dtype = 8, "key"  # raw key data: 2 x uint32
+        else:
+            itemsize, dtype = np.dtype(a.dtype).itemsize, str(np.dtype(a.dtype))
+        shard = s.shard_shape(shape)
+        out.append(Leaf(group, _path_str(path), shape, dtype, str(s.spec), math.prod(shape) * itemsize,
+                        math.prod(shard) * itemsize))
+    return out
+
+
+# --------------------------------------------------------------------------- activations
+
+# What one block keeps for its backward pass under each remat policy (the block input,
+# the scan carry, is kept under every policy). Tensor names are those of `Tensor` below.
+SAVED_BY_POLICY = {
+    "none": ("x", "x_norm", "q_raw", "k_raw", "v", "q", "k", "attn_core", "attn_heads", "h", "h_norm",
+             "gate", "up", "hidden", "dropout_masks"),
+    "full": ("x",),
+    # dots_with_no_batch_dims_saveable: outputs of the projections (no batch dimensions in the
+    # dot_general); attention's q.k and p.v contractions have batch dims and are recomputed.
+    "save_dots": ("x", "q_raw", "k_raw", "v", "attn_proj", "gate", "up", "mlp_proj"),
+}
+# checkpoint_name -> tensors of one block (save_names policy).
+NAMED = {"qkv_proj": ("q", "k", "v"), "attn_out": ("attn_proj",), "mlp_hidden": ("hidden",),
+         "mlp_out": ("mlp_proj",), "block_out": ("block_out",)}
+
+
+def saved_tensors(cfg: ModelConfig) -> tuple[str, ...]:
+    if cfg.remat_policy == "save_names":
+        names = []
+        for n in cfg.remat_names:
+            if n not in NAMED:
+                raise configlib.ConfigError(f"remat name {n!r} is not one of {sorted(NAMED)}")
+            names.extend(NAMED[n])
+        return ("x",) + tuple(dict.fromkeys(names))
+    return SAVED_BY_POLICY[cfg.remat_policy]
+
+
+def attention_kernel(cfg: ModelConfig, backend: str) -> str:
+    from chameleon_jax.attention import resolve_implementation
+
+    return resolve_implementation(cfg.attention_impl, cfg.dtype, cfg.head_dim, backend)
+
+
+def block_tensors(cfg: ModelConfig, batch: int, seq: int, mesh, rules, kernel: str) -> dict[str, tuple[int, str]]:
+    """name -> (bytes per device, description) of the activations of one block."""
+    from chameleon_jax.sharding import logical_to_spec
+    from jax.sharding import NamedSharding
+
+    c = DTYPE_BYTES[cfg.dtype]
+    b, t, d, n, k, h, f = batch, seq, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
+    btd = ("activation_batch", "activation_length", "activation_embed")
+    btn = ("activation_batch", "activation_length", "activation_heads", None)
+    btk = ("activation_batch", "activation_length", "activation_kv_heads", None)
+    btf = ("activation_batch", "activation_length", "activation_mlp")
+    bnt = ("activation_batch", "activation_heads", "activation_length", None)
+
+    def size(shape, axes, itemsize):
+        spec = logical_to_spec(axes, rules, shape, mesh)
+        return math.prod(NamedSharding(mesh, spec).shard_shape(shape)) * itemsize
+
+    x = size((b, t, d), btd, c)
+    if kernel == "cudnn":
+        # Flash attention keeps only the output and the softmax statistics (float32) per query.
+        core = (size((b, n, t, 1), bnt, 4), "softmax statistics [B,N,T] f32 (flash attention)")
+    else:
+        # softmax output in f32 (its VJP reads it) + its cast to the compute dtype (read by p.v).
+        probs = size((b, n, t, t), bnt, 4) + (size((b, n, t, t), bnt, c) if c != 4 else 0)
+        core = (probs, "attention probabilities [B,N,T,T] f32" + (f" + {cfg.dtype} copy" if c != 4 else ""))
+    drop = size((b, t, d), btd, 1) * 2 if cfg.dropout > 0 else 0
+    return {
+        "x": (x, "block input [B,T,D]"),
+        "x_norm": (x, "normed input [B,T,D]"),
+        "q_raw": (size((b, t, n, h), btn, c), "q projection [B,T,N,H]"),
+        "k_raw": (size((b, t, k, h), btk, c), "k projection [B,T,K,H]"),
+        "v": (size((b, t, k, h), btk, c), "v projection [B,T,K,H]"),
+        "q": (size((b, t, n, h), btn, c), "q after QK-norm and RoPE"),
+        "k": (size((b, t, k, h), btk, c), "k after QK-norm and RoPE"),
+        "attn_core": core,
+        "attn_heads": (size((b, t, n, h), btn, c), "attention output per head [B,T,N,H]"),
+        "attn_proj": (x, "attention output projection [B,T,D]"),
+        "h": (x, "residual after attention [B,T,D]"),
+        "h_norm": (x, "normed residual [B,T,D]"),
+        "gate": (size((b, t, f), btf, c), "w1 x [B,T,F]"),
+        "up": (size((b, t, f), btf, c), "w3 x [B,T,F]"),
+        "hidden": (size((b, t, f), btf, c), "silu(w1 x) * w3 x [B,T,F]"),
+        "mlp_proj": (x, "w2 output [B,T,D]"),
+        "block_out": (x, "block output [B,T,D]"),
+        "dropout_masks": (drop, "two dropout masks [B,T,D] bool"),
+    }
+
+
+def activation_estimate(cfg: ModelConfig, batch: int, seq: int, mesh, rules, kernel: str) -> dict[str, Any]:
+    """Activation bytes per device of one train step (see the module docstring)."""
+    from chameleon_jax.sharding import logical_to_spec
+    from jax.sharding import NamedSharding
+
+    tensors = block_tensors(cfg, batch, seq, mesh, rules, kernel)
+    saved = saved_tensors(cfg)
+    per_block = sum(tensors[name][0] for name in saved)
+    full_block = sum(tensors[name][0] for name in SAVED_BY_POLICY["none"])
+    # A rematerialised block rebuilds its full set while its backward pass runs.
+    recompute = full_block if cfg.remat_policy != "none" else 0
+    logits_axes = ("activation_batch", "activation_length", "activation_vocab")
+    shape = (batch, seq, cfg.vocab_size)
+    logits = math.prod(NamedSharding(mesh, logical_to_spec(logits_axes, rules, shape, mesh)).shard_shape(shape)) * 4
+    head = 2 * logits + 2 * tensors["x"][0]  # f32 logits and their gradient; final norm input and output
+    return {
+        "saved_tensors": {name: {"bytes": tensors[name][0], "what": tensors[name][1]} for name in saved},
+        "per_block_bytes": per_block,
+        "blocks_bytes": cfg.num_layers * per_block,
+        "recompute_bytes": recompute,
+        "head_bytes": head,
+        "total_bytes": cfg.num_layers * per_block + recompute + head,
+        "attention_kernel": kernel,
+    }
+
+
+def gathered_weights_bytes(leaves: list[Leaf], cfg: ModelConfig, sizes: dict[str, int]) -> int:
+    """Largest set of weights all-gathered over `fsdp` at once, with its gradient before reduce-scatter.
+
+    With stacked (scanned) blocks one block is a 1/L slice of every `blocks/...` parameter;
+    the output projection and the embedding are gathered on their own.
+    """
+    fsdp = sizes["fsdp"]
+    if fsdp == 1:
+        return 0
+    params = [l for l in leaves if l.group == "params"]
+
+    def gathered(l: Leaf) -> int:
+        return l.device_bytes * (fsdp if "fsdp" in l.spec else 1)
+
+    blocks = [l for l in params if l.path.startswith("params/blocks/")]
+    if cfg.scan_layers:
+        block = sum(gathered(l) for l in blocks) // cfg.num_layers
+    else:
+        block = sum(gathered(l) for l in blocks if l.path.startswith("params/blocks/0/"))
+    others = [gathered(l) for l in params if not l.path.startswith("params/blocks/")]
+    return 2 * max([block] + others)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def step_flops_per_device(cfg: ModelConfig, batch: int, seq: int, devices: int) -> float:
+    from chameleon_jax.transformer import flops_per_token
+
+    return flops_per_token(cfg, seq) * batch * seq / devices
+
+
+def make_plan(
+    cfg: ModelConfig,
+    mesh_cfg: MeshConfig,
+    *,
+    batch: int,
+    seq: int,
+    num_devices: int | None = None,
+    accelerator: str | None = None,
+    backend: str | None = None,
+    reserve: float = 0.1,
+) -> dict[str, Any]:
+    """The memory plan as a JSON-able dict (bytes per device)."""
+    from chameleon_jax.transformer import count_params
+
+    sizes = mesh_sizes(mesh_cfg, num_devices)
+    devices = math.prod(sizes.values())
+    if seq > cfg.max_seq_len:
+        raise configlib.ConfigError(f"--seq {seq} exceeds the model's max_seq_len {cfg.max_seq_len}")
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if batch % batch_shards:
+        raise configlib.ConfigError(
+            f"--batch {batch} does not split over data*fsdp = {batch_shards} devices (rows are sharded over both)"
+        )
+    mesh = abstract_mesh(sizes)
+    rules = mesh_cfg.rules
+    trainer = make_trainer(cfg, mesh, rules)
+    leaves = state_leaves(trainer)
+    acc = accelerators.get(accelerator) if accelerator else None
+    if backend is None:
+        backend = "gpu" if acc is not None and acc.name in ("a100", "h100", "h200") else "tpu"
+    kernel = attention_kernel(cfg, backend)
+
+    def total(group):
+        return sum(l.device_bytes for l in leaves if l.group == group)
+
+    param_bytes = total("params")
+    acts = activation_estimate(cfg, batch, seq, mesh, rules, kernel)
+    parts = {
+        "params": param_bytes,
+        "optimizer": total("optimizer"),
+        "other_state": total("other"),
+        "gradients": param_bytes,
+        "gathered_weights": gathered_weights_bytes(leaves, cfg, sizes),
+        "activations": acts["total_bytes"],
+    }
+    total_bytes = sum(parts.values())
+    num_params = sum(math.prod(l.shape) for l in leaves if l.group == "params")
+    assert num_params == count_params(cfg), (num_params, count_params(cfg))
+
+    def fit(a: accelerators.Accelerator) -> dict[str, Any]:
+        usable = a.memory_bytes * (1 - reserve)
+        return {"accelerator": a.name, "memory_bytes": a.memory_bytes, "usable_bytes": int(usable),
+                "fits": total_bytes <= usable, "fraction_of_memory": total_bytes / a.memory_bytes}
+
+    flops = step_flops_per_device(cfg, batch, seq, devices)
+    return {
+        "model": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_dim", "num_layers", "num_heads", "num_kv_heads",
+                                               "head_dim", "ffn_dim", "dtype", "param_dtype", "remat_policy",
+                                               "scan_layers", "swin_norm", "dropout")},
+        "num_params": num_params,
+        "mesh": sizes,
+        "devices": devices,
+        "batch": batch,
+        "seq": seq,
+        "rows_per_device": batch // batch_shards,
+        "bytes_per_device": parts,
+        "total_bytes_per_device": total_bytes,
+        "activations": acts,
+        "parameters": [dataclasses.asdict(l) for l in leaves if l.group == "params"],
+        "reserve_fraction": reserve,
+        "accelerator": fit(acc) if acc else None,
+        "all_accelerators": [fit(a) for a in accelerators.ACCELERATORS.values()],
+        "train_flops_per_device_per_step": flops,
+        "ideal_step_seconds": ({"at_peak_bf16": flops / acc.peak_bf16_flops} if acc else None),
+    }
+
+
+# --------------------------------------------------------------------------- compiler check
+
+
+def compiled_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: int, seq: int) -> dict[str, Any]:
+    """XLA's memory analysis of the real, sharded train step compiled for local devices.
+
+    Needs as many local devices as the mesh has (on CPU: XLA_FLAGS
+    --xla_force_host_platform_device_count). Figures are per device.
+    """
+    import jax
+
+    from chameleon_jax.sharding import build_mesh
+
+    sizes = mesh_sizes(mesh_cfg, None)
+    need = math.prod(sizes.values())
+    if jax.device_count() < need:
+        raise configlib.ConfigError(
+            f"--compile needs {need} devices for mesh {sizes}, this process has {jax.device_count()} "
+            f"(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={need} before starting)"
+        )
+    mesh = build_mesh(mesh_cfg, jax.devices()[:need])
+    trainer = make_trainer(cfg, mesh, mesh_cfg.rules)
+    compiled = trainer.lower_train_step((batch, seq)).compile()
+    m = compiled.memory_analysis()
+    batch_bytes = batch * seq * (5 * 4 + 1) // (sizes["data"] * sizes["fsdp"])  # five int32/f32 fields + int8
+    out = {
+        "backend": jax.default_backend(),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+        "alias_bytes": int(m.alias_size_in_bytes),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "batch_bytes": batch_bytes,
+    }
+    out["state_bytes"] = out["argument_bytes"] - batch_bytes
+    # Donated state: outputs reuse the argument buffers, so the peak is args + non-aliased outputs + temps.
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    return out
+
+
+def compare(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
+    """Ratios estimate / compiler for the two comparable quantities."""
+    p = plan["bytes_per_device"]
+    state = p["params"] + p["optimizer"] + p["other_state"]
+    transient = p["gradients"] + p["gathered_weights"] + p["activations"]
+    return {
+        "state_estimate_over_xla": state / max(xla["state_bytes"], 1),
+        "transient_estimate_over_xla_temp": transient / max(xla["temp_bytes"], 1),
+    }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**26 else f"{n / 2**20:,.2f} MiB"
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None) -> str:
+    m = plan["model"]
+    mesh = ",".join(f"{a}={s}" for a, s in plan["mesh"].items())
+    out = [
+        f"{preset}: {plan['num_params'] / 1e9:.2f}B params (L={m['num_layers']}, D={m['hidden_dim']}, "
+        f"heads={m['num_heads']}/{m['num_kv_heads']}kv, F={m['ffn_dim']}, V={m['vocab_size']}); "
+        f"compute {m['dtype']}, params {m['param_dtype']}, remat={m['remat_policy']}, "
+        f"attention={plan['activations']['attention_kernel']}",
+        f"mesh {mesh} ({plan['devices']} devices); global batch {plan['batch']} x {plan['seq']} tokens, "
+        f"{plan['rows_per_device']} row(s) per device",
+        "",
+    ]
+    # Parameters grouped by name (stacked blocks are one row each).
+    prow = [[p["path"].replace("params/", ""), "x".join(map(str, p["shape"])), p["dtype"], p["spec"],
+             _gib(p["device_bytes"])] for p in plan["parameters"]]
+    out += [_table(prow, ["parameter", "shape", "dtype", "sharding", "per device"]), ""]
+    p = plan["bytes_per_device"]
+    acts = plan["activations"]
+    what = {
+        "params": "parameters",
+        "optimizer": "optimizer state (AdamW mu, nu)",
+        "other_state": "step counter, RNG",
+        "gradients": "gradients (param dtype, sharded like params)",
+        "gathered_weights": "largest block gathered over fsdp (+ its grads)",
+        "activations": f"activations: {m['num_layers']} x {_gib(acts['per_block_bytes'])} saved"
+                       f" + {_gib(acts['recompute_bytes'])} recompute + {_gib(acts['head_bytes'])} logits",
+    }
+    rows = [[what[k], _gib(v)] for k, v in p.items()]
+    rows.append(["total", _gib(plan["total_bytes_per_device"])])
+    if xla is not None:
+        state = p["params"] + p["optimizer"] + p["other_state"]
+        transient = p["gradients"] + p["gathered_weights"] + p["activations"]
+        out += [_table([["state (params + optimizer + other)", _gib(state), _gib(xla["state_bytes"])],
+                        ["transient (grads + gathered + activations)", _gib(transient), _gib(xla["temp_bytes"])],
+                        ["peak", _gib(plan["total_bytes_per_device"]), _gib(xla["peak_bytes"])]],
+                       ["memory per device", "estimate", f"XLA ({xla['backend']})"]), ""]
+    out += [_table(rows, ["memory per device", "bytes"]), ""]
+    srows = [[name, v["what"], _gib(v["bytes"])] for name, v in acts["saved_tensors"].items()]
+    out += [f"kept per block for the backward pass (remat={m['remat_policy']}):",
+            _table(srows, ["tensor", "what", "per device"]), ""]
+    fits = []
+    for f in plan["all_accelerators"]:
+        a = accelerators.ACCELERATORS[f["accelerator"]]
+        mark = "<-" if plan["accelerator"] and plan["accelerator"]["accelerator"] == a.name else ""
+        fits.append([a.name, a.memory_label, f"{100 * f['fraction_of_memory']:.0f}%", "yes" if f["fits"] else "NO", mark])
+    out += [f"fits (estimate <= {100 * (1 - plan['reserve_fraction']):.0f}% of memory):",
+            _table(fits, ["accelerator", "memory", "used", "fits", ""])]
+    if plan["ideal_step_seconds"]:
+        out += ["", f"step time at 100% of peak bf16 FLOP/s: {plan['ideal_step_seconds']['at_peak_bf16']:.3f} s "
+                    f"({plan['train_flops_per_device_per_step'] / 1e12:.1f} TFLOP per device per step)"]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="chameleon-7b", help=f"model preset: {', '.join(presets())}")
+    p.add_argument("--mesh", default="fsdp=8", help="mesh sizes, e.g. data=2,fsdp=16,tensor=2 (unnamed sizes are 1; "
+                                                  "dcn_data=... for multi-slice)")
+    p.add_argument("--devices", type=int, default=None, help="total devices (only needed when a mesh size is -1)")
+    p.add_argument("--batch", type=int, required=True, help="global batch in rows (sequences)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per row (default: the preset's max_seq_len)")
+    p.add_argument("--remat", choices=["none", "full", "save_dots", "save_names"], default=None,
+                   help="remat policy (default: the preset's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype (default: preset's)")
+    p.add_argument("--param-dtype", choices=["float32", "bfloat16"], default=None, help="parameter storage dtype")
+    p.add_argument("--accelerator", default=None, help=f"one of {', '.join(accelerators.ACCELERATORS)}")
+    p.add_argument("--reserve", type=float, default=0.1,
+                   help="fraction of device memory kept free for what the estimate leaves out (runtime, fragmentation)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other ModelConfig fields, e.g. num_layers=2")
+    p.add_argument("--compile", action="store_true",
+                   help="also compile the real train step on local (fake CPU) devices and print XLA's memory analysis")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return p
+
+
+def resolve_model(args) -> ModelConfig:
+    table = presets()
+    if args.preset not in table:
+        raise configlib.ConfigError(f"unknown preset {args.preset!r}; known presets: {', '.join(table)}")
+    cfg = table[args.preset]()
+    overrides = list(args.set)
+    for flag, key in ((args.remat, "remat_policy"), (args.dtype, "dtype"), (args.param_dtype, "param_dtype")):
+        if flag is not None:
+            overrides.append(f"{key}={flag}")
+    return configlib.apply_overrides(cfg, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.accelerator:
+        try:
+            accelerators.get(args.accelerator)
+        except KeyError as e:
+            raise configlib.ConfigError(str(e.args[0])) from None
+    cfg = resolve_model(args)
+    mesh_cfg = parse_mesh(args.mesh)
+    seq = args.seq or cfg.max_seq_len
+    if args.compile and "jax" not in sys.modules:
+        need = math.prod(mesh_sizes(mesh_cfg, args.devices).values())
+        if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       f" --xla_force_host_platform_device_count={need}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    plan = make_plan(cfg, mesh_cfg, batch=args.batch, seq=seq, num_devices=args.devices,
+                     accelerator=args.accelerator, reserve=args.reserve)
+    xla = None
+    if args.compile:
+        xla = compiled_memory(cfg, mesh_cfg, batch=args.batch, seq=seq)
+        plan["xla"] = xla
+        plan["estimate_over_xla"] = compare(plan, xla)
+    if args.json:
+        print(json.dumps({"preset": args.preset, **plan}))
+    else:
+        print(render(plan, args.preset, xla))
+
+
+if __name__ == "__main__":
+    configlib.main_guard(main)

@@ -1,0 +1,73 @@
+"""Text to image: the judge's exact-match accuracy on pictures generated from captions.
+
+`python -m eval.t2i run_dir=runs/demo [num_examples=100] [cfg_scale=3]` writes
+`<run_dir>/eval/t2i.json`: accuracy on seen (colour, shape) pairs (the test
+split) and on held-out pairs (the heldout split), each with guidance
+(`cfg_scale`) and without (scale 1), the judge's object-count accuracy, and a
+grid of prompts beside generations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from chameleon_jax import configlib
+from chameleon_jax.data import shapes
+from eval import common
+
+
+def generate_images(pipe, prompts: list[str], cfg: common.EvalConfig, cfg_scale: float, desc: str) -> list:
+    results = common.generate_all(
+        pipe, [[p] for p in prompts], cfg, desc, modality="image", max_new_tokens=pipe.codes_per_image + 2,
+        temperature=cfg.temperature, image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
+        cfg_scale=cfg_scale,
+    )
+    images = [common.images_of(r) for r in results]
+    return [imgs[0] if imgs else None for imgs in images]
+
+
+def score(images: list, examples: list) -> tuple[list[bool], list[bool]]:
+    exact, count = [], []
+    for img, ex in zip(images, examples):
+        truth = shapes.example_objects(ex)
+        if img is None:
+            exact.append(False)
+            count.append(False)
+            continue
+        found = shapes.judge(img)
+        exact.append(shapes.canonical(found.objects) == shapes.canonical(truth))
+        count.append(found.num_found == len(truth))
+    return exact, count
+
+
+def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
+    out: dict = {}
+    samples = []
+    scales = {"": cfg.cfg_scale, "_no_guidance": 1.0} if cfg.cfg_scale != 1.0 else {"": 1.0}
+    for split, tag in (("test", "seen"), ("heldout", "heldout")):
+        examples = common.load_examples(cfg, split)
+        prompts = [ex["captions"][0] for ex in examples]
+        for suffix, scale in scales.items():
+            images = generate_images(pipe, prompts, cfg, scale, f"t2i {tag}{suffix}")
+            exact, count = score(images, examples)
+            out[f"t2i_judge_accuracy_{tag}{suffix}"] = sum(exact) / len(exact)
+            out[f"t2i_count_accuracy_{tag}{suffix}"] = sum(count) / len(count)
+            out[f"t2i_num_{tag}"] = len(exact)
+            if suffix == "":
+                for i, (p, img, ok) in enumerate(list(zip(prompts, images, exact))[: num_samples // 2]):
+                    if img is not None:
+                        rel = common.save_png(cfg.run_dir, f"eval/t2i/{tag}_{i}.png", img)
+                        samples.append({"prompt": p, "image": rel, "generated": True, "correct": ok})
+    out["cfg_scale"] = cfg.cfg_scale
+    out["samples"] = samples
+    return out
+
+
+def main(argv: list[str]) -> None:
+    cfg = configlib.apply_overrides(dataclasses.replace(common.EvalConfig(), num_examples=100), argv)
+    common.write_results(cfg.run_dir, "t2i", evaluate(common.load_run_pipeline(cfg), cfg))
+
+
+if __name__ == "__main__":
+    configlib.main_guard(lambda: main(sys.argv[1:]))

@@ -59,12 +59,15 @@ class LMDataConfig:
     source: str = param("shapes", "document source: 'shapes' (synthetic tasks) or 'jsonl' (jsonl_train / jsonl_eval)")
     image_size: int = param(64, "Shapes image side in pixels")
     train_split: str = param("train", "Shapes split to train on")
-    eval_split: str = param("val", "Shapes split for the validation loss")
+    eval_split: str = param("validation", "Shapes split for the validation loss; empty = no evaluation")
+    train_examples: int = param(0, "Shapes examples in the train split; 0 = the data set's default (20000)")
+    eval_examples: int = param(0, "Shapes examples in the eval split; 0 = the data set's default (1000)")
+    shapes_backend: str = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
     caption_weight: float = param(1.0, "Shapes mixture weight: image -> caption")
     t2i_weight: float = param(1.0, "Shapes mixture weight: caption -> image")
     vqa_weight: float = param(1.0, "Shapes mixture weight: image + question -> answer")
     interleaved_weight: float = param(0.5, "Shapes mixture weight: interleaved text/image documents")
-    interleaved_docs: int = param(0, "how many interleaved Shapes documents per split to draw from; 0 = the set's default")
+    interleaved_docs: int = param(2000, "interleaved (edit) Shapes documents per split to draw from; 0 = one per example")
     jsonl_train: str = param("", "JSON Lines file of training documents (source=jsonl)")
     jsonl_eval: str = param("", "JSON Lines file of validation documents (source=jsonl); empty = no eval")
     sequence: SequenceConfig = param(SequenceConfig(), "sequence building and packing")
@@ -167,7 +170,7 @@ class ImageCodeCache:
         """Loads `path` if present, else encodes `images` and writes it."""
         if path.exists():
             with np.load(path) as f:
-                keys = [bytes(k) for k in f["keys"]]
+                keys = [k.tobytes() for k in f["keys"]]
                 codes = f["codes"]
             log.info("image codes: loaded %d from %s", len(keys), path)
             return cls(tokenizer, keys, codes)
@@ -182,7 +185,9 @@ class ImageCodeCache:
         codes = encode_images(tokenizer, unique, encode_batch)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, keys=np.array(keys, dtype="S16"), codes=codes)
+        # Keys as raw uint8 rows: numpy byte strings would drop trailing zero bytes.
+        key_rows = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1) if keys else np.zeros((0, 16), np.uint8)
+        np.savez(tmp, keys=key_rows, codes=codes)
         os.replace(tmp, path)
         log.info("image codes: encoded %d images into %s", len(keys), path)
         return cls(tokenizer, keys, codes)
@@ -231,7 +236,6 @@ class ShapesSource:
         self.shapes = shapes
         self.split = split
         self.seed = seed
-        self.name = f"shapes-{split}-{cfg.image_size}"
         weights = {"caption": cfg.caption_weight, "t2i": cfg.t2i_weight, "vqa": cfg.vqa_weight,
                    "interleaved": cfg.interleaved_weight}
         self.tasks = [t for t in SHAPES_TASKS if weights[t] > 0]
@@ -239,13 +243,16 @@ class ShapesSource:
             raise ValueError("every Shapes task weight is 0; give at least one a positive weight")
         w = np.array([weights[t] for t in self.tasks], np.float64)
         self.probs = w / w.sum()
-        self.examples = shapes.load(split, image_size=cfg.image_size)
+        n_examples = cfg.train_examples if split == cfg.train_split else cfg.eval_examples
+        kw = dict(sizes={split: n_examples} if n_examples else None, backend=cfg.shapes_backend)
+        self.name = f"shapes-{split}-{cfg.image_size}-{n_examples or 'default'}"
+        self.examples = shapes.load(split, cfg.image_size, **kw)
         self.interleaved = []
         if "interleaved" in self.tasks:
             n = cfg.interleaved_docs or None
-            self.interleaved = list(shapes.interleaved_documents(split, cfg.image_size, n=n))
+            self.interleaved = list(shapes.interleaved_documents(split, cfg.image_size, n=n, **kw))
         self._split_code = int.from_bytes(hashlib.sha1(split.encode()).digest()[:4], "little")
-        self._images = shapes.load_images(split, image_size=cfg.image_size)
+        self._images = shapes.load_images(split, cfg.image_size, **kw)
 
     def document(self, index: int):
         rng = np.random.default_rng([self.seed, self._split_code, index])

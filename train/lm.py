@@ -1,0 +1,339 @@
+"""Train the mixed-modal language model.
+
+    python -m train.lm preset=tiny run_dir=/tmp/lm
+    python -m train.lm preset=demo vq_dir=runs/demo/vq steps=3000 mesh.fsdp=2
+    python -m train.lm --help                    # every field with its description
+
+or from Python: `train.lm.run(cfg) -> run_dir`. A run directory holds
+
+    config.json          the resolved LMTrainConfig
+    vocab/               the text vocabulary trained on first use
+    checkpoints/<step>/  orbax: train state + the data iterator's position
+    metrics.jsonl, tb/   per-step metrics (loss, text_loss, image_loss, tokens/s, MFU, ...)
+    metrics.json         headline figures; loss_curve.png
+    model/               the exported model: config.json, params/, vocab/, tokenizer/
+
+Rerunning an unfinished run resumes from its latest checkpoint (model, optimizer and
+data position); a finished run is reused unless overwrite=true. A non-finite loss
+or parameter stops the run with an error and saves nothing after the last good
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chameleon_jax import configlib
+from train.lm_config import PRESETS, LMTrainConfig
+
+log = logging.getLogger("train.lm")
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the parameters became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- setup
+
+
+_DISTRIBUTED_READY = False
+
+
+def maybe_initialize_distributed(cfg: LMTrainConfig) -> None:
+    """`jax.distributed.initialize` for multi-process runs (must precede any other JAX call)."""
+    global _DISTRIBUTED_READY
+    if _DISTRIBUTED_READY or cfg.distributed == "off":
+        return
+    wanted = cfg.distributed == "on" or cfg.num_processes > 1 or bool(cfg.coordinator_address) or bool(
+        os.environ.get("JAX_COORDINATOR_ADDRESS")
+    )
+    if not wanted:
+        return
+    import jax
+
+    kwargs: dict[str, Any] = {}
+    if cfg.coordinator_address:
+        kwargs["coordinator_address"] = cfg.coordinator_address
+    if cfg.num_processes > 0:
+        kwargs["num_processes"] = cfg.num_processes
+    if cfg.process_id >= 0:
+        kwargs["process_id"] = cfg.process_id
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    _DISTRIBUTED_READY = True
+
+
+def resolve_config(cfg: LMTrainConfig, vocab) -> LMTrainConfig:
+    """Fills model.vocab_size from the vocabulary and checks the row length."""
+    model = cfg.model
+    if cfg.auto_vocab_size:
+        model = dataclasses.replace(model, vocab_size=vocab.padded_size(cfg.vocab_multiple))
+    elif model.vocab_size < vocab.size:
+        raise configlib.ConfigError(
+            f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab.size} ids); "
+            "raise it or set auto_vocab_size=true"
+        )
+    seq_len = cfg.data.sequence.seq_len
+    if seq_len > model.max_seq_len:
+        raise configlib.ConfigError(
+            f"data.sequence.seq_len={seq_len} is longer than model.max_seq_len={model.max_seq_len}"
+        )
+    if cfg.batch_size % cfg.optim.grad_accum:
+        raise configlib.ConfigError(
+            f"batch_size={cfg.batch_size} does not split into optim.grad_accum={cfg.optim.grad_accum} microbatches"
+        )
+    return dataclasses.replace(cfg, model=model)
+
+
+def is_finished(run_dir: Path, cfg: LMTrainConfig) -> bool:
+    import json
+
+    headline = run_dir / "metrics.json"
+    if not (headline.exists() and (run_dir / "model" / "config.json").exists()):
+        return False
+    return json.loads(headline.read_text()).get("lm_steps_done") == cfg.steps
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _gather_data_state(state: dict[str, int]) -> list[dict[str, int]]:
+    """Every process's iterator state (the checkpoint's extra is written by process 0)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils
+
+    rows = multihost_utils.process_allgather(np.array([state["doc"], state["piece"]], np.int64))
+    return [{"doc": int(d), "piece": int(p)} for d, p in np.asarray(rows).reshape(-1, 2)]
+
+
+def _finite(x) -> bool:
+    return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+def _host(tree) -> dict[str, float]:
+    import jax
+
+    return {k: float(np.asarray(v)) for k, v in jax.device_get(tree).items()}
+
+
+def evaluate(trainer, state, data, batch_size: int) -> dict[str, float]:
+    """Validation loss over the fixed eval batches: loss, text_loss, image_loss, accuracy."""
+    import jax
+
+    from chameleon_jax.lm_data import global_batch
+    from chameleon_jax.losses import means_from_sums
+
+    batches = data.eval_local_batches(batch_size, jax.process_index(), jax.process_count())
+    if not batches:
+        return {}
+    total: dict[str, float] = {}
+    for local in batches:
+        sums = _host(trainer.eval_sums(state, global_batch(local, trainer.batch_sharding, batch_size)))
+        for k, v in sums.items():
+            total[k] = total.get(k, 0.0) + v
+    means = _host(means_from_sums({k: np.float32(v) for k, v in total.items()}))
+    return {f"eval_{k}": v for k, v in means.items() if k in ("loss", "ce", "text_loss", "image_loss", "accuracy")}
+
+
+def export_model(run_dir: Path, trainer, state, cfg: LMTrainConfig, data) -> Path:
+    """run_dir/model: save_model (config + params), the vocabulary and the image tokenizer."""
+    import jax
+
+    from chameleon_jax.checkpoint import save_model
+
+    out = run_dir / "model"
+    save_model(out, trainer.model(state), cfg.model)
+    if jax.process_index() == 0:
+        data.vocab.save(out / "vocab")
+        tok_out = out / "tokenizer"
+        if data.tokenizer_dir is not None:
+            if tok_out.is_symlink() or tok_out.is_file():
+                tok_out.unlink()
+            elif tok_out.exists():
+                shutil.rmtree(tok_out)
+            shutil.copytree(data.tokenizer_dir, tok_out)
+        else:
+            tok_out.mkdir(parents=True, exist_ok=True)
+            (tok_out / "README.txt").write_text(
+                "This model was trained with the colour-grid stand-in image tokenizer "
+                f"(chameleon_jax.lm_data.ColourGridTokenizer, cells={data.cfg.grid_cells}, "
+                f"levels={data.cfg.grid_levels}); no VQ model was used.\n"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run(cfg: LMTrainConfig) -> Path:
+    """Trains (or resumes, or reuses) the run in `cfg.run_dir`; returns the run directory."""
+    run_dir = Path(cfg.run_dir).absolute()
+    if cfg.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if is_finished(run_dir, cfg):
+        log.info("run %s already finished %d steps: reusing it (overwrite=true retrains)", run_dir, cfg.steps)
+        return run_dir
+    maybe_initialize_distributed(cfg)
+
+    import jax
+    from tqdm.auto import tqdm
+
+    from chameleon_jax.lm_data import LMData, global_batch
+    from chameleon_jax.sharding import build_mesh
+    from chameleon_jax.transformer import flops_per_token
+    from train.checkpointing import Checkpointer
+    from train.metrics import MetricsWriter, plot_curves, update_headline
+    from train.optim import make_optimizer, make_schedule
+    from train.step import Trainer, dense_matmul_flops
+
+    pidx, pcount = jax.process_index(), jax.process_count()
+    primary = pidx == 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = LMData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
+    cfg = resolve_config(cfg, data.vocab)
+    if primary:
+        configlib.save(cfg, run_dir / "config.json")
+    seq_len = data.seq_len
+
+    mesh = build_mesh(cfg.mesh)
+    tx = make_optimizer(cfg.optim, cfg.steps)
+    trainer = Trainer(cfg.model, tx, mesh, cfg.mesh.rules, schedule=make_schedule(cfg.optim, cfg.steps),
+                      grad_accum=cfg.optim.grad_accum, seed=cfg.seed)
+    it = data.train_iterator(cfg.batch_size, pidx, pcount)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
+
+    start = ckpt.latest_step()
+    if start is not None:
+        tree, extra = ckpt.restore(trainer.abstract_checkpoint_tree(), start)
+        state = trainer.state_from_checkpoint(tree)
+        states = extra.get("data", [])
+        if len(states) != pcount:
+            raise RuntimeError(
+                f"checkpoint {start} in {run_dir} was written by {len(states)} processes, this run has {pcount}"
+            )
+        it.restore(states[pidx])
+        log.info("resumed from step %d", start)
+    else:
+        state = trainer.init_state()
+        start = 0
+
+    n_dev = jax.device_count()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak_device = cfg.peak_flops or dense_matmul_flops()
+    # Fake CPU devices share the host's cores: the host's matmul rate is the whole machine's peak.
+    peak_total = peak_device * (1 if on_cpu else n_dev)
+    flops_tok = flops_per_token(cfg.model, seq_len)
+    tokens_per_step = cfg.batch_size * seq_len
+
+    writer = MetricsWriter(run_dir) if primary else None
+    if primary and start == 0:
+        update_headline(run_dir / "metrics.json", {
+            "lm_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"])),
+            "lm_vocab_size": data.vocab.size, "lm_peak_flops": peak_total, "lm_devices": n_dev,
+        })
+    log.info("training %s on %d devices, mesh %s, %d tokens/step, vocab %s", cfg.model, n_dev,
+             dict(mesh.shape), tokens_per_step, data.vocab)
+
+    def save(step: int) -> None:
+        ckpt.save(step, trainer.checkpoint_tree(state), {"data": _gather_data_state(it.state())})
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and primary), desc="lm", dynamic_ncols=True)
+    window_time, window_steps, window_targets = 0.0, 0, 0.0
+    last: dict[str, float] = {}
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            batch = global_batch(it.next_local(), trainer.batch_sharding, cfg.batch_size)
+            state, metrics = trainer.train_step(state, batch)
+            m = _host(metrics)
+            dt = time.perf_counter() - t0
+            if not (math.isfinite(m["loss"]) and m["params_finite"] > 0):
+                what = "loss" if not math.isfinite(m["loss"]) else "parameters after the update"
+                ckpt.wait()
+                good = ckpt.latest_step()
+                raise TrainingDivergedError(
+                    f"training diverged at step {step + 1}: the {what} became non-finite "
+                    f"(loss={m['loss']}, grad_norm={m['grad_norm']}, lr={m.get('lr')}). Nothing was saved for this "
+                    f"step; the last good checkpoint is "
+                    + (f"step {good} in {run_dir / 'checkpoints'}" if good is not None else "none (no checkpoint yet)")
+                    + ". Lower optim.lr or check the data."
+                )
+            done = step + 1
+            if step > start:  # the first step of a process includes compilation
+                window_time += dt
+                window_steps += 1
+                window_targets += m["loss_weight"]
+            last = m
+            bar.update(1)
+            if done % cfg.log_interval == 0 or done == cfg.steps:
+                row = {k: m[k] for k in ("loss", "ce", "z_loss", "text_loss", "image_loss", "accuracy", "grad_norm",
+                                         "param_norm", "lr") if k in m}
+                if window_steps:
+                    tps = window_steps * tokens_per_step / window_time
+                    row.update(tokens_per_s=tps, target_tokens_per_s=window_targets / window_time,
+                               step_time_s=window_time / window_steps, mfu=tps * flops_tok / peak_total)
+                else:
+                    row.update(first_step_time_s=dt)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", text=f"{m['text_loss']:.3f}", image=f"{m['image_loss']:.3f}")
+                if writer:
+                    writer.write(done, row)
+                window_time, window_steps, window_targets = 0.0, 0, 0.0
+            if (cfg.eval_interval and done % cfg.eval_interval == 0) or done == cfg.steps:
+                ev = evaluate(trainer, state, data, cfg.batch_size)
+                if ev and writer:
+                    writer.write(done, ev)
+                    log.info("step %d: %s", done, ev)
+                last.update(ev)
+            if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.steps:
+                save(done)
+    finally:
+        bar.close()
+        ckpt.close()
+        if writer:
+            writer.close()
+
+    export_model(run_dir, trainer, state, cfg, data)
+    if primary:
+        plot_curves(run_dir, ["loss", "text_loss", "image_loss", "eval_loss", "eval_text_loss", "eval_image_loss"],
+                    run_dir / "loss_curve.png", title=f"LM ({Path(cfg.run_dir).name})")
+        update_headline(run_dir / "metrics.json", {
+            "lm_steps_done": cfg.steps,
+            **{f"lm_final_{k}": v for k, v in last.items()
+               if k in ("loss", "text_loss", "image_loss", "eval_loss", "eval_text_loss", "eval_image_loss")},
+        })
+    return run_dir
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+
+    def go():
+        cfg = configlib.from_cli(argv, PRESETS, "tiny")
+        try:
+            out = run(cfg)
+        except TrainingDivergedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(1) from None
+        print(out)
+
+    configlib.main_guard(go)
+
+
+if __name__ == "__main__":
+    main()

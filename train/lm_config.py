@@ -1,0 +1,91 @@
+"""Configuration of LM training (`python -m train.lm preset=... key=value ...`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig
+from chameleon_jax.configlib import param
+from chameleon_jax.lm_data import LMDataConfig
+from chameleon_jax.sequence import SequenceConfig
+from train.optim import OptimConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTrainConfig:
+    """One language-model training run."""
+
+    model: ModelConfig = param(ModelConfig(), "the transformer")
+    mesh: MeshConfig = param(MeshConfig(), "device mesh and logical-axis sharding rules")
+    data: LMDataConfig = param(LMDataConfig(), "documents, vocabulary, image codes and packing")
+    optim: OptimConfig = param(OptimConfig(), "optimizer and learning-rate schedule")
+    steps: int = param(200, "optimizer steps to train for (total, including resumed ones)")
+    batch_size: int = param(8, "global batch in packed rows of data.sequence.seq_len tokens")
+    log_interval: int = param(10, "steps between metric log lines")
+    eval_interval: int = param(100, "steps between validation-loss evaluations (and one at the end); 0 = end only")
+    checkpoint_interval: int = param(100, "steps between checkpoints (and one at the end); 0 = end only")
+    keep_checkpoints: int = param(3, "most recent checkpoints kept on disk")
+    async_checkpoint: bool = param(True, "write checkpoints in the background while training continues")
+    seed: int = param(0, "parameter initialisation and dropout seed")
+    run_dir: str = param("runs/lm", "output folder: config, checkpoints, metrics, curves, exported model")
+    vq_dir: str = param("", "VQ tokenizer run folder (train.vqvae output); empty = colour-grid stand-in (smoke tests)")
+    overwrite: bool = param(False, "delete an existing run_dir first instead of reusing or resuming it")
+    auto_vocab_size: bool = param(True, "set model.vocab_size to the vocabulary's size rounded up to vocab_multiple")
+    vocab_multiple: int = param(128, "rounding of the embedding rows with auto_vocab_size")
+    peak_flops: float = param(0.0, "peak FLOP/s of one device for MFU; 0 = measure a dense f32 matmul once at start")
+    progress: bool = param(True, "show a tqdm progress bar")
+    distributed: Literal["auto", "on", "off"] = param(
+        "auto",
+        "jax.distributed.initialize(): on = always (cluster auto-detection), auto = when num_processes > 1, "
+        "a coordinator_address or $JAX_COORDINATOR_ADDRESS is set",
+    )
+    coordinator_address: str = param("", "host:port of process 0 for multi-process runs")
+    num_processes: int = param(0, "number of processes of a multi-process run; 0 = auto-detect")
+    process_id: int = param(-1, "this process's index in a multi-process run; -1 = auto-detect")
+
+
+def _with_seq(cfg: LMTrainConfig, seq_len: int, **data) -> LMTrainConfig:
+    seq = dataclasses.replace(cfg.data.sequence, seq_len=seq_len)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sequence=seq, **data))
+
+
+def tiny() -> LMTrainConfig:
+    """Seconds on a laptop CPU: the tiny model, short rows, a few dozen steps."""
+    cfg = LMTrainConfig(
+        model=MODEL_PRESETS["tiny"](),
+        optim=OptimConfig(lr=3e-3, warmup_steps=10),
+        steps=40,
+        batch_size=8,
+        log_interval=5,
+        eval_interval=20,
+        checkpoint_interval=20,
+        run_dir="runs/lm-tiny",
+    )
+    return _with_seq(cfg, 256, vocab_corpus_docs=1000, interleaved_docs=64, eval_batches=2, grid_cells=4,
+                     shapes_backend="generate", train_examples=512, eval_examples=64)
+
+
+def small() -> LMTrainConfig:
+    """The `small` model on Shapes: minutes to an hour on a CPU."""
+    cfg = LMTrainConfig(
+        model=MODEL_PRESETS["small"](),
+        optim=OptimConfig(lr=1e-3, warmup_steps=100),
+        steps=2000,
+        batch_size=16,
+        log_interval=10,
+        eval_interval=250,
+        checkpoint_interval=250,
+        run_dir="runs/lm-small",
+    )
+    return _with_seq(cfg, 384)
+
+
+def demo() -> LMTrainConfig:
+    """The end-to-end demo: the `small` model trained on Shapes after the VQ stage (pass vq_dir=...)."""
+    cfg = small()
+    cfg = dataclasses.replace(cfg, steps=3000, run_dir="runs/demo/lm", eval_interval=500, checkpoint_interval=500)
+    return cfg
+
+
+PRESETS = {"tiny": tiny, "small": small, "demo": demo}

@@ -109,3 +109,14 @@ def test_write_then_load_round_trips(tmp_path):
     assert load_jsonl(path) == docs
     first = json.loads(path.read_text().splitlines()[0])
     assert first["segments"][0]["target"] is False and re.match(r"images/.*\.png", first["segments"][0]["image"])
+
+
+def test_shapes_documents_export_to_jsonl(tmp_path):
+    from chameleon_jax.data import shapes
+
+    ex = shapes.make_example(0, "train", 0, 64)
+    docs = [shapes.caption_document(ex, np.random.default_rng(0))] + shapes.vqa_documents(ex)[:2]
+    write_jsonl(docs, tmp_path / "shapes.jsonl")
+    back = load_jsonl(tmp_path / "shapes.jsonl")
+    assert [d.segments for d in back] == [d.segments for d in docs]
+    assert back[0].meta["objects"][0]["color"] == docs[0].meta["objects"][0].color

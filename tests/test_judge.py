@@ -49,7 +49,7 @@ def test_judge_reports_objects_in_canonical_order_with_count_and_scores():
     for i in range(20):
         ex = shapes.make_example(0, "train", i, 64)
         r = shapes.judge(ex["image"])
-        assert list(r.objects) == shapes.example_objects(ex)
+        assert r.objects == shapes.example_objects(ex)
         assert r.num_found == ex["num_objects"] and r.num_rejected == 0
         assert all(s > 0.99 for s in r.scores)
 

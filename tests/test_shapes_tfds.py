@@ -1,5 +1,7 @@
 """Building Shapes with TFDS (array_record, no TensorFlow) and reading it back with random access."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,7 @@ def test_built_split_reads_back_exactly_the_generated_examples(built, split):
         assert isinstance(rec["captions"][0], str) and isinstance(rec["question_types"][0], str)
         _same_record(rec, shapes.make_example(0, split, i, 64))
     _same_record(src[-1], src[len(src) - 1])
+    _same_record(pickle.loads(pickle.dumps(src))[1], src[1])  # grain workers receive it pickled
     with pytest.raises(IndexError):
         src[len(src)]
 

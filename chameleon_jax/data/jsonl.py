@@ -16,6 +16,7 @@ transparency are composited over white first.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -135,7 +136,8 @@ def load_jsonl(path: str | os.PathLike) -> list[Document]:
 def write_jsonl(documents: Iterable[Document], path: str | os.PathLike, image_dir: str = "images") -> None:
     """Writes documents as JSONL, each image as a PNG under `image_dir` (relative to the file).
 
-    `load_jsonl(path)` reads the same documents back (meta must be JSON-serialisable).
+    `load_jsonl(path)` reads the same documents back. Meta values must be JSON-serialisable,
+    dataclasses (written as objects) or numpy values.
     """
     path = Path(path)
     (path.parent / image_dir).mkdir(parents=True, exist_ok=True)
@@ -159,4 +161,15 @@ def write_jsonl(documents: Iterable[Document], path: str | os.PathLike, image_di
                 record["task"] = doc.task
             if doc.meta:
                 record["meta"] = dict(doc.meta)
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON form of meta values json cannot write itself: dataclasses (e.g. ObjectAttrs) and numpy values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"meta value of type {type(value).__name__} cannot be written as JSON")

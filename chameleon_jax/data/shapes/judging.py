@@ -45,8 +45,8 @@ class JudgeResult:
     num_rejected: blobs bigger than a speck that matched no template.
     """
 
-    objects: tuple[spec.ObjectAttrs, ...]
-    scores: tuple[float, ...]
+    objects: list[spec.ObjectAttrs]
+    scores: list[float]
     num_rejected: int
 
     @property
@@ -130,25 +130,25 @@ def _template_offsets(image_size: int) -> dict[tuple[int, int], tuple[float, flo
     return out
 
 
-def _match(blob: np.ndarray, y0: int, x0: int, image_size: int) -> tuple[int, int, float, float, float]:
-    """Best (shape, size, iou, centre_y, centre_x) for a bool blob crop whose top-left pixel is (y0, x0)."""
+def _match(yy: np.ndarray, xx: np.ndarray, image_size: int) -> tuple[int, int, float, float, float]:
+    """Best (shape, size, iou, centre_y, centre_x) for the blob with pixels (yy[i], xx[i])."""
     lay = spec.layout(image_size)
     pad = max(lay.extents)
-    yy, xx = np.nonzero(blob)
-    cy = yy.mean() + 0.5 + y0
-    cx = xx.mean() + 0.5 + x0
-    # Compare on a window that holds both the blob and any template centred near it.
+    cy = yy.mean() + 0.5
+    cx = xx.mean() + 0.5
+    # Compare on a window that holds any template centred near the blob's centroid;
+    # blob pixels outside it still count in the union through `area`.
     top, left = int(np.floor(cy)) - pad, int(np.floor(cx)) - pad
     size_w = 2 * pad + 1
     window = np.zeros((size_w, size_w), bool)
-    by, bx = yy + y0 - top, xx + x0 - left
+    by, bx = yy - top, xx - left
     keep = (by >= 0) & (by < size_w) & (bx >= 0) & (bx < size_w)
     window[by[keep], bx[keep]] = True
-    area = int(blob.sum())
+    area = yy.size
     ys = np.arange(top, top + size_w)[:, None]
     xs = np.arange(left, left + size_w)[None, :]
     best = (0, 0, -1.0, cy, cx)
-    for (shape, size), (oy, ox, t_area) in _template_offsets(image_size).items():
+    for (shape, size), (oy, ox, _) in _template_offsets(image_size).items():
         ty, tx = cy - oy, cx - ox
         t = raster.shape_mask(shape, lay.extents[size], ty, tx, ys, xs)
         inter = int((t & window).sum())
@@ -173,15 +173,12 @@ def judge(image: np.ndarray) -> JudgeResult:
     labels = classify_pixels(image)
     ids, n = connected_components(labels)
     min_area = SPECK_FRACTION * min(a for _, _, a in _template_offsets(size).values())
-    found, scores, rejected = [], [], 0
+    found, rejected = [], 0
     if n:
         areas = np.bincount(ids[ids >= 0], minlength=n)
         for k in np.nonzero(areas >= min_area)[0]:
             yy, xx = np.nonzero(ids == k)
-            y0, x0 = yy.min(), xx.min()
-            blob = np.zeros((yy.max() - y0 + 1, xx.max() - x0 + 1), bool)
-            blob[yy - y0, xx - x0] = True
-            shape, obj_size, iou, ty, tx = _match(blob, int(y0), int(x0), size)
+            shape, obj_size, iou, ty, tx = _match(yy, xx, size)
             if iou < MIN_IOU:
                 rejected += 1
                 continue
@@ -190,10 +187,10 @@ def judge(image: np.ndarray) -> JudgeResult:
             col = int(np.argmin([abs(tx - c) for c in lay.centers]))
             found.append((spec.ObjectAttrs(shape, color, obj_size, row, col), float(iou)))
     found.sort(key=lambda t: (t[0].row, t[0].col, t[0].shape, t[0].color, t[0].size))
-    return JudgeResult(tuple(o for o, _ in found), tuple(s for _, s in found), rejected)
+    return JudgeResult([o for o, _ in found], [s for _, s in found], rejected)
 
 
 def judge_matches(image: np.ndarray, objects: Sequence[spec.ObjectAttrs]) -> bool:
     """True when the judge reads exactly `objects` (any order) and nothing else that looks like an object."""
     result = judge(image)
-    return result.num_rejected == 0 and list(result.objects) == spec.canonical(objects)
+    return result.num_rejected == 0 and result.objects == spec.canonical(objects)

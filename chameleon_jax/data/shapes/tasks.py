@@ -1,8 +1,10 @@
 """Shapes examples as Documents for each task: caption, text-to-image, VQA, interleaved edits.
 
 Prompt parts are `is_target=False` (no loss); `meta` carries the ground truth
-an evaluation needs ("objects": canonical list of ObjectAttrs, and per task
-the caption, question type and answer, or the edits).
+an evaluation needs: "objects" (the canonical list of ObjectAttrs; for
+interleaved documents one such list per image), "index" (the example's index
+in its split), and per task "caption", "question" / "answer" /
+"question_type", or "edits".
 """
 
 from __future__ import annotations

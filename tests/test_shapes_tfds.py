@@ -61,6 +61,26 @@ def test_second_load_does_not_rebuild(built, capfd):
     assert "building" not in capfd.readouterr().err
 
 
+def test_smaller_request_reads_a_prefix_of_an_existing_build(built, capfd):
+    before = sorted(p.name for p in (built / "chameleon_shapes").iterdir())
+    src = shapes.load("train", data_dir=built, sizes={"train": 10})
+    assert len(src) == 10 and "building" not in capfd.readouterr().err
+    assert sorted(p.name for p in (built / "chameleon_shapes").iterdir()) == before
+    _same_record(src[9], shapes.make_example(0, "train", 9, 64))
+    with pytest.raises(IndexError):
+        src[10]
+    assert shapes.load_images("train", data_dir=built, sizes={"train": 10}).shape[0] == 10
+
+
+def test_config_names_round_trip():
+    from chameleon_jax.data.shapes import tfds_builder
+
+    for size, sizes, seed in [(64, spec.DEFAULT_SPLIT_SIZES, 0), (32, TINY, 3)]:
+        name = tfds_builder.config_name(size, sizes, seed)
+        assert tfds_builder.parse_config_name(name) == (size, dict(sizes), seed)
+    assert tfds_builder.parse_config_name("downloads") is None
+
+
 def test_same_seed_builds_identical_bytes(built, tmp_path):
     shapes.load("train", data_dir=tmp_path, sizes=TINY)
     files = sorted(p.relative_to(built) for p in built.rglob("*.array_record*"))

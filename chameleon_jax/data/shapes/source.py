@@ -56,13 +56,14 @@ class _Source:
 class TfdsSource(_Source):
     """A built split read through `tfds` data sources (array_record, random access)."""
 
-    def __init__(self, data_source, split: str, image_size: int):
+    def __init__(self, data_source, split: str, image_size: int, length: int | None = None):
         self._source = data_source
         self.split = split
         self.image_size = image_size
+        self._length = len(data_source) if length is None else min(length, len(data_source))
 
     def __len__(self) -> int:
-        return len(self._source)
+        return self._length
 
     def _read(self, index: int) -> dict[str, Any]:
         return records.decode_record(self._source[index])
@@ -110,20 +111,48 @@ def _tfds_available() -> bool:
     return True
 
 
-def builder(image_size: int = 64, data_dir: str | os.PathLike | None = None, sizes: Mapping[str, int] | None = None,
-            seed: int = 0):
-    """The TFDS builder for this configuration, built if it is not yet (prints progress)."""
+def _make_builder(image_size: int, root: Path, sizes: Mapping[str, int] | None, seed: int):
     from chameleon_jax.data.shapes import tfds_builder as builder_lib
 
     config = builder_lib.make_config(image_size, sizes, seed)
     # TFDS takes a registered config by name only; others are passed as objects.
     registered = {c.name for c in builder_lib.ChameleonShapes.BUILDER_CONFIGS}
     config_arg = config.name if config.name in registered else config
+    return builder_lib.ChameleonShapes(config=config_arg, data_dir=str(root), file_format="array_record")
+
+
+def _covering_builder(image_size: int, root: Path, split: str, n: int, seed: int):
+    """A prepared build with the same image size and seed whose `split` has at least `n` examples
+    (the smallest such), or None. Example i never depends on a split's size, so the first n
+    examples of a bigger build are exactly the examples of an n-example build."""
+    from chameleon_jax.data.shapes import tfds_builder as builder_lib
+
+    base = root / builder_lib.ChameleonShapes.name
+    if not base.is_dir():
+        return None
+    candidates = []
+    for d in base.iterdir():
+        parsed = builder_lib.parse_config_name(d.name)
+        if parsed and parsed[0] == image_size and parsed[2] == seed and parsed[1][split] >= n:
+            candidates.append((parsed[1][split], d.name, parsed[1]))
+    for _, _, sizes in sorted(candidates):
+        b = _make_builder(image_size, root, sizes, seed)
+        if b.is_prepared():
+            return b
+    return None
+
+
+def builder(image_size: int = 64, data_dir: str | os.PathLike | None = None, sizes: Mapping[str, int] | None = None,
+            seed: int = 0):
+    """The TFDS builder for exactly this configuration, built if it is not yet (prints progress)."""
+    from chameleon_jax.data.shapes import tfds_builder as builder_lib
+
+    config = builder_lib.make_config(image_size, sizes, seed)
     root = paths.data_dir(data_dir)
-    b = builder_lib.ChameleonShapes(config=config_arg, data_dir=str(root), file_format="array_record")
+    b = _make_builder(image_size, root, sizes, seed)
     if not b.is_prepared():
         with _build_lock(root, f"{builder_lib.ChameleonShapes.name}_{config.name}"):
-            b = builder_lib.ChameleonShapes(config=config_arg, data_dir=str(root), file_format="array_record")
+            b = _make_builder(image_size, root, sizes, seed)
             if not b.is_prepared():
                 total = sum(n for _, n in config.split_sizes)
                 print(f"building Shapes {config.name} ({total} examples) into {root} ...", file=sys.stderr, flush=True)
@@ -139,7 +168,9 @@ def load(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = 
 
     sizes: examples per split, e.g. {"train": 200} (missing splits keep the defaults:
     train 20000, validation / test / heldout 1000). The data set is built under
-    `data_dir` (paths.data_dir) on first use. backend: "tfds" reads the built
+    `data_dir` (paths.data_dir) on first use; when a bigger build of the same
+    image size and seed is already there, its first examples are read instead
+    (they are the same examples). backend: "tfds" reads the built
     array_record files, "generate" computes examples on access (same records,
     no TFDS, nothing on disk), "auto" is "tfds" when tensorflow_datasets imports.
     """
@@ -153,8 +184,12 @@ def load(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = 
         if image_size not in spec.IMAGE_SIZES:
             raise ValueError(f"Shapes is built at {spec.IMAGE_SIZES} pixels, got image_size={image_size}")
         return GeneratedSource(split, image_size, spec.split_sizes(sizes)[split], seed)
-    b = builder(image_size, data_dir, sizes, seed)
-    return TfdsSource(b.as_data_source(split=split), split, image_size)
+    n = spec.split_sizes(sizes)[split]
+    root = paths.data_dir(data_dir)
+    b = _make_builder(image_size, root, sizes, seed)
+    if not b.is_prepared():
+        b = _covering_builder(image_size, root, split, n, seed) or builder(image_size, root, sizes, seed)
+    return TfdsSource(b.as_data_source(split=split), split, image_size, length=n)
 
 
 def load_images(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = None,

@@ -12,6 +12,7 @@ package works without it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Mapping
 
 import numpy as np
@@ -38,6 +39,19 @@ def config_name(image_size: int, split_sizes: Mapping[str, int], seed: int) -> s
         return f"{image_size}px"
     parts = "_".join(f"{s}{split_sizes[s]}" for s in spec.SPLITS)
     return f"{image_size}px_{parts}_seed{seed}"
+
+
+def parse_config_name(name: str) -> tuple[int, dict[str, int], int] | None:
+    """(image_size, split sizes, seed) from a config_name result; None for other names."""
+    m = re.fullmatch(r"(\d+)px", name)
+    if m:
+        return int(m.group(1)), dict(spec.DEFAULT_SPLIT_SIZES), DEFAULT_SEED
+    pattern = r"(\d+)px_" + "_".join(rf"{s}(\d+)" for s in spec.SPLITS) + r"_seed(\d+)"
+    m = re.fullmatch(pattern, name)
+    if not m:
+        return None
+    values = [int(g) for g in m.groups()]
+    return values[0], dict(zip(spec.SPLITS, values[1:-1])), values[-1]
 
 
 def make_config(image_size: int = 64, sizes: Mapping[str, int] | None = None, seed: int = DEFAULT_SEED) -> ShapesConfig:

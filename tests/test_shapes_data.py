@@ -155,6 +155,9 @@ def test_parse_caption_returns_none_for_unreadable_text(caption):
 def test_parse_caption_tolerates_case_and_punctuation():
     got = shapes.parse_caption("A LARGE Red circle, top-left!")
     assert got == [spec.ObjectAttrs.from_names("circle", "red", "large", "top left")]
+    got = shapes.parse_caption("a small blue square in the top center and a large green diamond, middle right")
+    assert got == [spec.ObjectAttrs.from_names("square", "blue", "small", "top"),
+                   spec.ObjectAttrs.from_names("diamond", "green", "large", "right")]
 
 
 def test_questions_have_correct_answers_and_types():

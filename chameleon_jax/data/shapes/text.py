@@ -146,6 +146,8 @@ def _read_position(words: list[str], i: int) -> tuple[tuple[int, int] | None, in
         row = 0 if w == "top" else 2
         if nxt in ("left", "right"):
             return (row, 0 if nxt == "left" else 2), i + 2
+        if nxt in ("center", "centre", "middle"):  # "top center"
+            return (row, 1), i + 2
         return (row, 1), i + 1
     if w in ("left", "right"):
         return (1, 0 if w == "left" else 2), i + 1

@@ -55,7 +55,7 @@ def abstract_params(cfg: ModelConfig) -> dict:
     from chameleon_jax.transformer import Transformer
 
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -80,7 +80,7 @@ def save_model(path: str | os.PathLike, model, cfg: ModelConfig | None = None) -
     path = Path(path).absolute()
     cfg = cfg if cfg is not None else model.cfg
     path.mkdir(parents=True, exist_ok=True)
-    save_params(path / PARAMS_DIR, nnx.state(model, nnx.Param).to_pure_dict())
+    save_params(path / PARAMS_DIR, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     configlib.save(cfg, path / CONFIG_FILE)
     return path
 
@@ -165,12 +165,12 @@ def load_model(
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     if mesh is not None:
         rules = rules if rules is not None else MeshConfig().rules
-        shardings = state_shardings(params, mesh, rules).to_pure_dict()
+        shardings = nnx.to_pure_dict(state_shardings(params, mesh, rules))
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, params.to_pure_dict())
+        shardings = jax.tree.map(lambda _: device, nnx.to_pure_dict(params))
     target = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params.to_pure_dict(), shardings
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nnx.to_pure_dict(params), shardings
     )
 
     check_tensors(flat_shapes(target), _stored_shapes(path / PARAMS_DIR), f"checkpoint {path / PARAMS_DIR}")

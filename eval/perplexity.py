@@ -16,6 +16,7 @@ import sys
 
 import jax
 import numpy as np
+from flax import nnx
 
 from chameleon_jax import configlib
 from chameleon_jax.data import shapes
@@ -43,9 +44,11 @@ def evaluate(pipe, cfg: common.EvalConfig) -> dict:
         pieces += fit_to_row(encode_document(doc, vocab, codes_of, seq_cfg), seq_len, "split")
     batch = pack(pieces, seq_len, vocab.pad_id)
 
+    graphdef, state = nnx.split(model)
+
     @jax.jit
-    def sums(rows):
-        logits = model(rows["tokens"], rows["positions"], rows["segment_ids"])
+    def sums(state, rows):
+        logits = nnx.merge(graphdef, state)(rows["tokens"], rows["positions"], rows["segment_ids"])
         return lm_loss_sums(logits, rows["targets"], rows["loss_weights"], rows["modality"], 0.0)
 
     total: dict[str, float] = {}
@@ -55,7 +58,7 @@ def evaluate(pipe, cfg: common.EvalConfig) -> dict:
         pad = cfg.batch_size - rows["tokens"].shape[0]
         if pad:  # keep one compiled shape: padding rows carry zero weight
             rows = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
-        for k, v in sums(rows).items():
+        for k, v in sums(state, rows).items():
             total[k] = total.get(k, 0.0) + float(v)
     text_nll = total["text_ce_sum"] / max(total["text_weight_sum"], 1e-9)
     image_nll = total["image_ce_sum"] / max(total["image_weight_sum"], 1e-9)

@@ -159,19 +159,24 @@ def state_leaves(trainer) -> list[Leaf]:
 
 # --------------------------------------------------------------------------- activations
 
-# What one block keeps for its backward pass under each remat policy (the block input,
-# the scan carry, is kept under every policy). Tensor names are those of `Tensor` below.
+# What one block keeps for its backward pass under each remat policy: the names of
+# `block_tensors` below. The block input (the scan carry) is kept under every policy.
+# These lists follow what JAX's autodiff saves for `chameleon_jax.transformer.Block`
+# (`jax.ad_checkpoint.saved_residuals`); tests/test_plan.py checks them against it.
 SAVED_BY_POLICY = {
-    "none": ("x", "x_norm", "q_raw", "k_raw", "v", "q", "k", "attn_core", "attn_heads", "h", "h_norm",
-             "gate", "up", "hidden", "dropout_masks"),
+    "none": ("x", "attn_norm", "q", "k", "v", "qk_norm", "attn_mask", "attn_logits", "attn_exp", "attn_probs",
+             "attn_softmax_stats", "attn_heads", "ffn_norm", "gate", "up", "silu", "hidden",
+             "attn_weights_compute_dtype", "mlp_weights_compute_dtype", "attn_dropout_mask", "ffn_dropout_mask"),
     "full": ("x",),
-    # dots_with_no_batch_dims_saveable: outputs of the projections (no batch dimensions in the
-    # dot_general); attention's q.k and p.v contractions have batch dims and are recomputed.
-    "save_dots": ("x", "q_raw", "k_raw", "v", "attn_proj", "gate", "up", "mlp_proj"),
+    # dots_with_no_batch_dims_saveable: the projections' outputs (their dot_generals have no
+    # batch dimensions); attention's q.k and p.v contractions have batch dims and are recomputed.
+    # The w2 output is not needed (it only feeds the residual add).
+    "save_dots": ("x", "q_raw", "k_raw", "v", "attn_proj", "gate", "up"),
 }
-# checkpoint_name -> tensors of one block (save_names policy).
+# checkpoint_name -> tensors of one block (save_names policy). The block output (and
+# `mlp_out`, which only feeds the final residual add) is the next block's saved input.
 NAMED = {"qkv_proj": ("q", "k", "v"), "attn_out": ("attn_proj",), "mlp_hidden": ("hidden",),
-         "mlp_out": ("mlp_proj",), "block_out": ("block_out",)}
+         "mlp_out": (), "block_out": ()}
 
 
 def saved_tensors(cfg: ModelConfig) -> tuple[str, ...]:
@@ -191,12 +196,27 @@ def attention_kernel(cfg: ModelConfig, backend: str) -> str:
     return resolve_implementation(cfg.attention_impl, cfg.dtype, cfg.head_dim, backend)
 
 
-def block_tensors(cfg: ModelConfig, batch: int, seq: int, mesh, rules, kernel: str) -> dict[str, tuple[int, str]]:
-    """name -> (bytes per device, description) of the activations of one block."""
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    bytes: int  # per device
+    what: str
+    part: str  # "attn" or "mlp": which half of the block's backward pass reads it ("" = both)
+
+
+def block_tensors(
+    cfg: ModelConfig, batch: int, seq: int, mesh, rules, kernel: str, block_param_bytes: int = 0,
+    training: bool = True,
+) -> dict[str, Tensor]:
+    """The activations of one block that autodiff may keep, per device.
+
+    batch and seq are global; each tensor is sharded by its logical axes and the rules.
+    block_param_bytes: one block's parameters per device (for their compute-dtype copies).
+    """
     from chameleon_jax.sharding import logical_to_spec
     from jax.sharding import NamedSharding
 
     c = DTYPE_BYTES[cfg.dtype]
+    p = DTYPE_BYTES[cfg.param_dtype]
     b, t, d, n, k, h, f = batch, seq, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     btd = ("activation_batch", "activation_length", "activation_embed")
     btn = ("activation_batch", "activation_length", "activation_heads", None)
@@ -208,54 +228,88 @@ def block_tensors(cfg: ModelConfig, batch: int, seq: int, mesh, rules, kernel: s
         spec = logical_to_spec(axes, rules, shape, mesh)
         return math.prod(NamedSharding(mesh, spec).shard_shape(shape)) * itemsize
 
-    x = size((b, t, d), btd, c)
-    if kernel == "cudnn":
-        # Flash attention keeps only the output and the softmax statistics (float32) per query.
-        core = (size((b, n, t, 1), bnt, 4), "softmax statistics [B,N,T] f32 (flash attention)")
+    d_c, d_32 = size((b, t, d), btd, c), size((b, t, d), btd, 4)
+    q_c, k_c = size((b, t, n, h), btn, c), size((b, t, k, h), btk, c)
+    f_c = size((b, t, f), btf, c)
+    half = c != 4  # computing in half precision: norms keep float32 copies of their inputs
+    if cfg.swin_norm:
+        # norm(attn(x)) and norm(ffn(h)): each keeps its input (the projection output, plus a float32
+        # copy in half precision) and its normalised value in float32. The attention's projections
+        # read x itself; the SwiGLU reads h, which is kept.
+        attn_norm = (d_c + d_32 + (d_32 if half else 0), "norm of the attention output: input, f32 copy, normalised")
+        ffn_norm = (2 * d_c + d_32 + (d_32 if half else 0), "norm of the SwiGLU output (as above) + residual h")
     else:
-        # softmax output in f32 (its VJP reads it) + its cast to the compute dtype (read by p.v).
-        probs = size((b, n, t, t), bnt, 4) + (size((b, n, t, t), bnt, c) if c != 4 else 0)
-        core = (probs, "attention probabilities [B,N,T,T] f32" + (f" + {cfg.dtype} copy" if c != 4 else ""))
-    drop = size((b, t, d), btd, 1) * 2 if cfg.dropout > 0 else 0
+        # pre-norm: each norm keeps its input in float32, its normalised value in float32 and its
+        # output (the projections' input). In float32 the attention norm's input is x itself.
+        attn_norm = (d_32 + d_c + (d_32 if half else 0), "attention norm: f32 input, normalised f32, output")
+        ffn_norm = (2 * d_32 + d_c, "SwiGLU norm: f32 input h, normalised f32, output")
+    flash = kernel == "cudnn"
+    probs = size((b, n, t, t), bnt, 1)  # elements per device
+    attn_params = d * (n + 2 * k) * h + n * h * d
+    mlp_params = 3 * d * f
+    weights_c = block_param_bytes * c // p if c != p else 0
+    drop = size((b, t, d), btd, 1) if cfg.dropout > 0 and training else 0
+    T = Tensor
     return {
-        "x": (x, "block input [B,T,D]"),
-        "x_norm": (x, "normed input [B,T,D]"),
-        "q_raw": (size((b, t, n, h), btn, c), "q projection [B,T,N,H]"),
-        "k_raw": (size((b, t, k, h), btk, c), "k projection [B,T,K,H]"),
-        "v": (size((b, t, k, h), btk, c), "v projection [B,T,K,H]"),
-        "q": (size((b, t, n, h), btn, c), "q after QK-norm and RoPE"),
-        "k": (size((b, t, k, h), btk, c), "k after QK-norm and RoPE"),
-        "attn_core": core,
-        "attn_heads": (size((b, t, n, h), btn, c), "attention output per head [B,T,N,H]"),
-        "attn_proj": (x, "attention output projection [B,T,D]"),
-        "h": (x, "residual after attention [B,T,D]"),
-        "h_norm": (x, "normed residual [B,T,D]"),
-        "gate": (size((b, t, f), btf, c), "w1 x [B,T,F]"),
-        "up": (size((b, t, f), btf, c), "w3 x [B,T,F]"),
-        "hidden": (size((b, t, f), btf, c), "silu(w1 x) * w3 x [B,T,F]"),
-        "mlp_proj": (x, "w2 output [B,T,D]"),
-        "block_out": (x, "block output [B,T,D]"),
-        "dropout_masks": (drop, "two dropout masks [B,T,D] bool"),
+        "x": T(d_c, "block input [B,T,D]", ""),
+        "attn_norm": T(*attn_norm, "attn"),
+        "q_raw": T(q_c, "q projection [B,T,N,H]", "attn"),
+        "k_raw": T(k_c, "k projection [B,T,K,H]", "attn"),
+        "v": T(k_c, "v projection [B,T,K,H]", "attn"),
+        "q": T(q_c, "q after QK-norm and RoPE [B,T,N,H]", "attn"),
+        "k": T(k_c, "k after QK-norm and RoPE [B,T,K,H]", "attn"),
+        "qk_norm": T((2 * (q_c + k_c) * 4 // c) if cfg.qk_norm != "none" else 0,
+                     "QK-norm: centred and normalised q, k in f32", "attn"),
+        "attn_mask": T(0 if flash else probs, "causal mask [B,N,T,T] bool", "attn"),
+        "attn_logits": T(0 if flash else 4 * probs, "masked logits [B,N,T,T] f32", "attn"),
+        "attn_exp": T(0 if flash else 4 * probs, "exp(logits - max) [B,N,T,T] f32", "attn"),
+        "attn_probs": T(0 if flash else c * probs, f"probabilities [B,N,T,T] {cfg.dtype}", "attn"),
+        "attn_softmax_stats": T(size((b, n, t, 1), bnt, 4) if flash else 0,
+                                "flash attention statistics [B,N,T] f32", "attn"),
+        "attn_heads": T(q_c, "attention output per head [B,T,N,H]", "attn"),
+        "attn_proj": T(d_c, "attention output projection [B,T,D]", "attn"),
+        "ffn_norm": T(*ffn_norm, "mlp"),
+        "gate": T(f_c, "w1 x [B,T,F]", "mlp"),
+        "up": T(f_c, "w3 x [B,T,F]", "mlp"),
+        "silu": T(3 * f_c, "silu(w1 x): sigmoid, output, product terms [B,T,F]", "mlp"),
+        "hidden": T(f_c, "silu(w1 x) * w3 x [B,T,F]", "mlp"),
+        "attn_weights_compute_dtype": T(weights_c * attn_params // (attn_params + mlp_params),
+                                        f"attention weights cast to {cfg.dtype}", "attn"),
+        "mlp_weights_compute_dtype": T(weights_c * mlp_params // (attn_params + mlp_params),
+                                       f"SwiGLU weights cast to {cfg.dtype}", "mlp"),
+        "attn_dropout_mask": T(drop, "dropout mask [B,T,D] bool", "attn"),
+        "ffn_dropout_mask": T(drop, "dropout mask [B,T,D] bool", "mlp"),
     }
 
 
-def activation_estimate(cfg: ModelConfig, batch: int, seq: int, mesh, rules, kernel: str) -> dict[str, Any]:
-    """Activation bytes per device of one train step (see the module docstring)."""
+def activation_estimate(
+    cfg: ModelConfig, batch: int, seq: int, mesh, rules, kernel: str, block_param_bytes: int = 0
+) -> dict[str, Any]:
+    """Activation bytes per device of one train step.
+
+    L blocks x what each keeps for the backward pass (`SAVED_BY_POLICY`), plus, under a remat
+    policy, the part of one block rebuilt during its backward pass: the backward pass runs
+    the SwiGLU half first, then the attention half, so only the larger half's recomputed
+    tensors need to be live at once. Plus the float32 logits, their gradient and the final
+    norm's input and output.
+    """
     from chameleon_jax.sharding import logical_to_spec
     from jax.sharding import NamedSharding
 
-    tensors = block_tensors(cfg, batch, seq, mesh, rules, kernel)
+    tensors = block_tensors(cfg, batch, seq, mesh, rules, kernel, block_param_bytes)
     saved = saved_tensors(cfg)
-    per_block = sum(tensors[name][0] for name in saved)
-    full_block = sum(tensors[name][0] for name in SAVED_BY_POLICY["none"])
-    # A rematerialised block rebuilds its full set while its backward pass runs.
-    recompute = full_block if cfg.remat_policy != "none" else 0
+    per_block = sum(tensors[name].bytes for name in saved)
+    recompute = 0
+    if cfg.remat_policy != "none":
+        rebuilt = [name for name in SAVED_BY_POLICY["none"] if name not in saved]
+        recompute = max(sum(tensors[n].bytes for n in rebuilt if tensors[n].part == part) for part in ("attn", "mlp"))
     logits_axes = ("activation_batch", "activation_length", "activation_vocab")
     shape = (batch, seq, cfg.vocab_size)
     logits = math.prod(NamedSharding(mesh, logical_to_spec(logits_axes, rules, shape, mesh)).shard_shape(shape)) * 4
-    head = 2 * logits + 2 * tensors["x"][0]  # f32 logits and their gradient; final norm input and output
+    head = 2 * logits + 2 * tensors["x"].bytes
     return {
-        "saved_tensors": {name: {"bytes": tensors[name][0], "what": tensors[name][1]} for name in saved},
+        "saved_tensors": {name: {"bytes": tensors[name].bytes, "what": tensors[name].what}
+                          for name in saved if tensors[name].bytes},
         "per_block_bytes": per_block,
         "blocks_bytes": cfg.num_layers * per_block,
         "recompute_bytes": recompute,
@@ -263,6 +317,14 @@ def activation_estimate(cfg: ModelConfig, batch: int, seq: int, mesh, rules, ker
         "total_bytes": cfg.num_layers * per_block + recompute + head,
         "attention_kernel": kernel,
     }
+
+
+def block_param_bytes(leaves: list[Leaf], cfg: ModelConfig) -> int:
+    """One block's parameters, bytes per device."""
+    blocks = [l for l in leaves if l.group == "params" and l.path.startswith("params/blocks/")]
+    if cfg.scan_layers:
+        return sum(l.device_bytes for l in blocks) // cfg.num_layers
+    return sum(l.device_bytes for l in blocks if l.path.startswith("params/blocks/0/"))
 
 
 def gathered_weights_bytes(leaves: list[Leaf], cfg: ModelConfig, sizes: dict[str, int]) -> int:
@@ -333,7 +395,7 @@ def make_plan(
         return sum(l.device_bytes for l in leaves if l.group == group)
 
     param_bytes = total("params")
-    acts = activation_estimate(cfg, batch, seq, mesh, rules, kernel)
+    acts = activation_estimate(cfg, batch, seq, mesh, rules, kernel, block_param_bytes(leaves, cfg))
     parts = {
         "params": param_bytes,
         "optimizer": total("optimizer"),

@@ -14,7 +14,7 @@ from chameleon_jax.transformer import Transformer
 from chameleon_jax.vocab import Vocabulary
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz .,!?"
-CODEBOOK = 24  # image codes in the toy vocabulary
+CODEBOOK = 27  # image codes in the toy vocabulary (3 levels per colour channel)
 CODES_PER_IMAGE = 9  # a 3x3 code grid per image
 PAD, BOS, EOS, BOI, EOI, EOT = range(6)
 
@@ -43,6 +43,31 @@ def toy_vocab() -> Vocabulary:
         code_to_id=np.arange(size - 1, text_end - 1, -1, dtype=np.int32), text_piece_mask=piece_mask,
         text_backend=CharText(6),
     )
+
+
+class PatchTokenizer:
+    """A fixed toy image tokenizer: 12 px images, a 3x3 grid of 4x4 patches, each patch's mean
+    colour quantised to 3 levels per channel (27 codes). Decoding paints the patches."""
+
+    image_size = 12
+    grid = (3, 3)
+    codes_per_image = CODES_PER_IMAGE
+    codebook_size = CODEBOOK
+
+    def __init__(self, can_decode: bool = True):
+        self.can_decode = can_decode
+
+    def encode(self, images_bhwc):
+        x = np.asarray(images_bhwc, np.float32).reshape(-1, 3, 4, 3, 4, 3).mean(axis=(2, 4))
+        q = np.clip(np.rint(x / 127.5), 0, 2).astype(np.int32)
+        return (q[..., 0] * 3 + q[..., 1]) * 3 + q[..., 2]
+
+    def decode(self, codes_bhw):
+        if not self.can_decode:
+            raise ValueError("no decoder")
+        c = np.asarray(codes_bhw, np.int32)
+        rgb = np.stack([c // 9, (c // 3) % 3, c % 3], -1) * 127.5
+        return np.clip(rgb, 0, 255).astype(np.uint8).repeat(4, axis=1).repeat(4, axis=2)
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

@@ -96,6 +96,26 @@ def resolve_config(cfg: LMTrainConfig, vocab) -> LMTrainConfig:
     return dataclasses.replace(cfg, model=model)
 
 
+_TRAINERS: dict = {}
+
+
+def get_trainer(cfg: LMTrainConfig, mesh):
+    """The Trainer for this model/optimizer/mesh; reused within a process so a second
+    `run` (a resume, a notebook rerun) does not compile the same steps again."""
+    from train.optim import make_optimizer, make_schedule
+    from train.step import Trainer
+
+    schedule_steps = cfg.steps if cfg.optim.decay_steps == 0 else None
+    key = (cfg.model, cfg.optim, schedule_steps, mesh, tuple(cfg.mesh.rules), cfg.seed)
+    if key not in _TRAINERS:
+        if len(_TRAINERS) >= 2:
+            _TRAINERS.pop(next(iter(_TRAINERS)))
+        _TRAINERS[key] = Trainer(cfg.model, make_optimizer(cfg.optim, cfg.steps), mesh, cfg.mesh.rules,
+                                 schedule=make_schedule(cfg.optim, cfg.steps), grad_accum=cfg.optim.grad_accum,
+                                 seed=cfg.seed)
+    return _TRAINERS[key]
+
+
 def is_finished(run_dir: Path, cfg: LMTrainConfig) -> bool:
     import json
 
@@ -190,6 +210,10 @@ def run(cfg: LMTrainConfig) -> Path:
     maybe_initialize_distributed(cfg)
 
     import jax
+
+    if cfg.compilation_cache_dir:
+        # Only effective before this process's first compilation.
+        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache_dir).expanduser()))
     from tqdm.auto import tqdm
 
     from chameleon_jax.lm_data import LMData, global_batch
@@ -197,8 +221,7 @@ def run(cfg: LMTrainConfig) -> Path:
     from chameleon_jax.transformer import flops_per_token
     from train.checkpointing import Checkpointer
     from train.metrics import MetricsWriter, plot_curves, update_headline
-    from train.optim import make_optimizer, make_schedule
-    from train.step import Trainer, dense_matmul_flops
+    from train.step import dense_matmul_flops
 
     pidx, pcount = jax.process_index(), jax.process_count()
     primary = pidx == 0
@@ -210,9 +233,7 @@ def run(cfg: LMTrainConfig) -> Path:
     seq_len = data.seq_len
 
     mesh = build_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optim, cfg.steps)
-    trainer = Trainer(cfg.model, tx, mesh, cfg.mesh.rules, schedule=make_schedule(cfg.optim, cfg.steps),
-                      grad_accum=cfg.optim.grad_accum, seed=cfg.seed)
+    trainer = get_trainer(cfg, mesh)
     it = data.train_iterator(cfg.batch_size, pidx, pcount)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
 

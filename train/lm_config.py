@@ -34,6 +34,9 @@ class LMTrainConfig:
     auto_vocab_size: bool = param(True, "set model.vocab_size to the vocabulary's size rounded up to vocab_multiple")
     vocab_multiple: int = param(128, "rounding of the embedding rows with auto_vocab_size")
     peak_flops: float = param(0.0, "peak FLOP/s of one device for MFU; 0 = measure a dense f32 matmul once at start")
+    compilation_cache_dir: str = param(
+        "", "persistent XLA compilation cache folder (faster restarts); empty = off; must be set before the first compile"
+    )
     progress: bool = param(True, "show a tqdm progress bar")
     distributed: Literal["auto", "on", "off"] = param(
         "auto",

@@ -88,9 +88,10 @@ class Trainer:
 
     def init_state(self) -> State:
         """A freshly initialised state, created directly in its sharded layout."""
-        init = jax.jit(self._init, out_shardings=self.state_shardings)
+        if "init" not in self._jit_cache:
+            self._jit_cache["init"] = jax.jit(self._init, out_shardings=self.state_shardings)
         with shd.use_mesh(self.mesh, self.rules):
-            return init()
+            return self._jit_cache["init"]()
 
     def batch_sharding(self, shape) -> NamedSharding:
         return shd.named_sharding(self.mesh, BATCH_AXES, self.rules, shape)

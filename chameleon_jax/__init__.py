@@ -5,6 +5,8 @@ __version__ = "0.1.0"
 # Public entry points, imported on first use so `import chameleon_jax` stays light.
 _LAZY = {
     "load_model": ("chameleon_jax.checkpoint", "load_model"),
+    "load_pipeline": ("chameleon_jax.pipeline", "load_pipeline"),
+    "Pipeline": ("chameleon_jax.pipeline", "Pipeline"),
 }
 
 

@@ -1,0 +1,224 @@
+"""The end-to-end demo: data, image tokenizer, text vocabulary, transformer, every evaluation, one report.
+
+    python -m eval.demo [preset=demo|tiny] [run_dir=runs/demo] [lm.steps=...] [vq.steps=...] [overwrite=true]
+
+Stages (each prints a banner and its time; finished stages are reused on the next
+run unless `overwrite=true`, and an evaluation is redone when its inputs change):
+
+  1. data        build the Shapes splits; score the judge on ground-truth pictures
+  2. vq          train the image tokenizer                    -> <run_dir>/vq/
+  3. vq_eval     PSNR, SSIM, codebook use, judge on reconstructions
+  4. lm          train the sentencepiece vocabulary and the transformer -> <run_dir>/lm/
+  5. caption, vqa, t2i, interleaved, perplexity   the evaluations -> <run_dir>/eval/
+  6. report      <run_dir>/metrics.json (flat headline figures) and <run_dir>/report.html
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from chameleon_jax import configlib
+from chameleon_jax.configlib import param
+from eval import common
+from train import lm_config
+from train import vqvae as train_vqvae
+from train.metrics import update_headline
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Every stage of the demo; the sections are the stage configs themselves."""
+
+    run_dir: str = param("runs/demo", "where everything goes (stage folders, eval/, metrics.json, report.html)")
+    overwrite: bool = param(False, "redo every stage instead of reusing finished ones")
+    image_size: int = param(64, "Shapes picture size (32, 64 or 128)")
+    judge_examples: int = param(1000, "ground-truth pictures per split on which the judge is scored (0 = all)")
+    caption_examples: int = param(200, "pictures captioned in the captioning evaluation")
+    vqa_examples: int = param(100, "pictures whose every question is asked in the VQA evaluation")
+    t2i_examples: int = param(100, "captions per split (test = seen pairs, heldout) drawn in text-to-image")
+    interleaved_examples: int = param(50, "edit stories continued in the interleaved evaluation")
+    perplexity_examples: int = param(100, "pictures whose task documents are scored for perplexity")
+    vq: train_vqvae.VQTrainConfig = param(train_vqvae.PRESETS["shapes"](), "image tokenizer training (train.vqvae)")
+    lm: lm_config.LMTrainConfig = param(lm_config.PRESETS["demo"](), "transformer training (train.lm)")
+    eval: common.EvalConfig = param(common.EvalConfig(), "generation settings of the evaluations")
+
+
+def _demo() -> DemoConfig:
+    return DemoConfig()
+
+
+def _tiny() -> DemoConfig:
+    """A few steps of every stage on tiny models: the end-to-end test, a minute or two on a CPU."""
+    vq = train_vqvae.PRESETS["tiny"]()
+    vq = dataclasses.replace(vq, data=dataclasses.replace(vq.data, source="shapes", num_examples=256))
+    lm = lm_config.PRESETS["tiny"]()
+    lm = dataclasses.replace(lm, steps=6, log_interval=2, eval_interval=0, checkpoint_interval=0, progress=False)
+    return DemoConfig(
+        run_dir="runs/demo-tiny", judge_examples=20, caption_examples=4, vqa_examples=2, t2i_examples=2,
+        interleaved_examples=2, perplexity_examples=2, vq=vq, lm=lm,
+        eval=dataclasses.replace(common.EvalConfig(), batch_size=4, max_new_tokens=12),
+    )
+
+
+PRESETS = {"demo": _demo, "tiny": _tiny}
+
+
+def _banner(name: str) -> float:
+    print(f"\n=== {name} " + "=" * max(0, 60 - len(name)), flush=True)
+    return time.time()
+
+
+class Stages:
+    """Runs named stages once: a stage whose fingerprint is recorded in stages.json is skipped."""
+
+    def __init__(self, run_dir: Path, overwrite: bool):
+        self.path = run_dir / "stages.json"
+        self.done: dict[str, Any] = {} if overwrite or not self.path.exists() else json.loads(self.path.read_text())
+        self.figures: dict[str, Any] = {}
+
+    def run(self, name: str, inputs: Any, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        start = _banner(name)
+        entry = self.done.get(name)
+        if entry and entry["fingerprint"] == key:
+            print(f"reusing the finished stage (delete {self.path} or pass overwrite=true to redo it)")
+            figures = entry["figures"]
+        else:
+            figures = fn()
+            self.done[name] = {"fingerprint": key, "figures": figures, "seconds": round(time.time() - start, 1)}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.done, indent=2) + "\n")
+            os.replace(tmp, self.path)
+        print(f"[{name}] {time.time() - start:.1f} s", flush=True)
+        self.figures.update(figures)
+        return figures
+
+
+def _scalars(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def stage_data(cfg: DemoConfig) -> dict[str, Any]:
+    from chameleon_jax.data import shapes
+
+    data_dir = cfg.eval.data_dir or None
+    out, right, total = {}, 0, 0
+    for split in shapes.SPLITS:
+        source = shapes.load(split, cfg.image_size, data_dir)
+        n = common.take(len(source), cfg.judge_examples)
+        ok = sum(shapes.judge_matches(source[i]["image"], shapes.example_objects(source[i])) for i in range(n))
+        out[f"judge_accuracy_ground_truth_{split}"] = ok / n
+        right, total = right + ok, total + n
+        print(f"{split:>10}: {len(source)} examples; judge exact match {ok}/{n}")
+    out["judge_accuracy_ground_truth"] = right / total
+    return out
+
+
+def stage_vq_eval(cfg: DemoConfig, vq_dir: Path, run_dir: Path) -> dict[str, Any]:
+    from eval import vq as eval_vq
+
+    res = eval_vq.evaluate(vq_dir, split="test", data_dir=cfg.eval.data_dir)
+    grid = vq_dir / "eval_vq.png"
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = dict(res)
+    if grid.exists():
+        shutil.copy(grid, out_dir / "vq_grid.png")
+        record["grid"] = "eval/vq_grid.png"
+    common.write_results(run_dir, "vq", record)
+    return {f"vq_{k}" if not k.startswith("vq_") else k: v for k, v in _scalars(res).items()}
+
+
+def stage_eval(name: str, module, pipe_fn, cfg: DemoConfig, n: int) -> Callable[[], dict[str, Any]]:
+    def run() -> dict[str, Any]:
+        ecfg = dataclasses.replace(cfg.eval, run_dir=cfg.run_dir, image_size=cfg.image_size, num_examples=n)
+        res = module.evaluate(pipe_fn(), ecfg)
+        common.write_results(cfg.run_dir, name, res)
+        return _scalars(res)
+
+    return run
+
+
+def run(cfg: DemoConfig) -> Path:
+    from eval import caption, interleaved, perplexity, t2i, vqa
+    from eval.report import write_report
+    from train import lm as train_lm
+
+    run_dir = Path(cfg.run_dir)
+    if cfg.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configlib.save(cfg, run_dir / "config.json")
+    stages = Stages(run_dir, cfg.overwrite)
+    t0 = time.time()
+
+    stages.run("data", [cfg.image_size, cfg.judge_examples], lambda: stage_data(cfg))
+
+    vq_cfg = dataclasses.replace(cfg.vq, run_dir=str(run_dir / "vq"), overwrite=cfg.overwrite)
+    _banner("vq: image tokenizer training")
+    vq_dir = train_vqvae.run(vq_cfg)
+    stages.run("vq_eval", [configlib.to_dict(vq_cfg), _stamp(vq_dir / "tokenizer")],
+               lambda: stage_vq_eval(cfg, vq_dir, run_dir))
+
+    lm_cfg = dataclasses.replace(cfg.lm, run_dir=str(run_dir / "lm"), vq_dir=str(vq_dir), overwrite=cfg.overwrite)
+    _banner("lm: vocabulary and transformer training")
+    lm_dir = train_lm.run(lm_cfg)
+    model_dir = lm_dir / "model"
+
+    pipe_holder: list = []
+
+    def pipe():
+        if not pipe_holder:
+            from chameleon_jax.pipeline import load_pipeline
+
+            pipe_holder.append(load_pipeline(model_dir))
+        return pipe_holder[0]
+
+    upstream = [_stamp(model_dir), configlib.to_dict(cfg.eval), cfg.image_size]
+    for name, module, n in (
+        ("caption", caption, cfg.caption_examples),
+        ("vqa", vqa, cfg.vqa_examples),
+        ("t2i", t2i, cfg.t2i_examples),
+        ("interleaved", interleaved, cfg.interleaved_examples),
+        ("perplexity", perplexity, cfg.perplexity_examples),
+    ):
+        stages.run(name, upstream + [n], stage_eval(name, module, pipe, cfg, n))
+
+    _banner("report")
+    figures = dict(stages.figures)
+    figures["demo_seconds_this_run"] = round(time.time() - t0, 1)
+    figures["demo_seconds_all_stages"] = round(sum(e.get("seconds", 0.0) for e in stages.done.values()), 1)
+    lm_metrics = json.loads((lm_dir / "metrics.json").read_text()) if (lm_dir / "metrics.json").exists() else {}
+    figures.update({f"lm_{k}" if not k.startswith("lm_") else k: v for k, v in _scalars(lm_metrics).items()})
+    update_headline(run_dir / "metrics.json", figures)
+    report = write_report(run_dir)
+    headline = ["judge_accuracy_ground_truth", "vq_psnr_db", "vq_codebook_usage", "vq_judge_accuracy",
+                "caption_exact_match", "vqa_accuracy", "t2i_judge_accuracy_seen", "t2i_judge_accuracy_heldout"]
+    print(common.format_table("headline figures", {k: figures[k] for k in headline if k in figures}))
+    print(f"\nreport: {report}\nmetrics: {run_dir / 'metrics.json'}")
+    return run_dir
+
+
+def _stamp(path: Path) -> str:
+    """Identifies a stage output by its files' names, sizes and modification times."""
+    if not path.exists():
+        return "missing"
+    items = sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime)) for p in path.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = configlib.from_cli(sys.argv[1:] if argv is None else argv, PRESETS, "demo")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    configlib.main_guard(main)

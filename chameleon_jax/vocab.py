@@ -277,24 +277,23 @@ class Vocabulary:
         if not lines:
             raise VocabularyError("cannot train a text vocabulary: no training text")
         model = io.BytesIO()
-        with open(os.devnull, "w") as devnull:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(lines),
-                model_writer=model,
-                logstream=devnull,
-                vocab_size=int(text_vocab_size),
-                hard_vocab_limit=False,
-                model_type=model_type,
-                character_coverage=1.0,
-                unk_id=0,
-                bos_id=-1,
-                eos_id=-1,
-                pad_id=-1,
-                num_threads=1,
-                input_sentence_size=0,
-                shuffle_input_sentence=False,
-                split_digits=True,
-            )
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            minloglevel=2,  # errors only
+            vocab_size=int(text_vocab_size),
+            hard_vocab_limit=False,
+            model_type=model_type,
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            split_digits=True,
+        )
         vocab = cls._own(model.getvalue(), codebook_size)
         vocab.save(directory)
         return vocab

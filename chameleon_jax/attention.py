@@ -55,7 +55,8 @@ def resolve_implementation(impl: str, dtype, head_dim: int, backend: str | None 
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
-    cudnn_ok = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) and head_dim % 8 == 0 and head_dim <= 128
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    cudnn_ok = half and head_dim % 8 == 0 and head_dim <= 128
     return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
 
 

@@ -17,7 +17,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from chameleon_jax import configlib
@@ -118,7 +117,9 @@ def check_tensors(expected: Mapping[str, tuple], stored: Mapping[str, tuple], wh
         problems.append(f"unexpected tensor {name} with shape {stored[name][0]}")
     for name in sorted(set(expected) & set(stored)):
         if tuple(expected[name][0]) != tuple(stored[name][0]):
-            problems.append(f"tensor {name} has shape {stored[name][0]} in the checkpoint, the config expects {expected[name][0]}")
+            problems.append(
+                f"tensor {name} has shape {stored[name][0]} in the checkpoint, the config expects {expected[name][0]}"
+            )
     if problems:
         raise CheckpointError(f"{where} does not match its config:\n  " + "\n  ".join(problems))
 

@@ -134,7 +134,9 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
-def named_sharding(mesh: Mesh, logical_axes: LogicalAxes, rules: Rules, shape: Sequence[int] | None = None) -> NamedSharding:
+def named_sharding(
+    mesh: Mesh, logical_axes: LogicalAxes, rules: Rules, shape: Sequence[int] | None = None
+) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes, rules, shape, mesh))
 
 

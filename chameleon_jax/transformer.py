@@ -120,7 +120,11 @@ class Transformer(nnx.Module):
         self.lm_head = Unembed(cfg.hidden_dim, cfg.vocab_size, init_std=cfg.initializer_range, dtype=dtype,
                                param_dtype=pdtype, rngs=rngs)
         # Dropout draws from the model's own stream, so `model(x, deterministic=False)` needs no key argument.
-        self.dropout_rngs = rngs.dropout.fork()
+        try:
+            stream = rngs.dropout  # the "dropout" stream, else "default"
+        except AttributeError:
+            stream = rngs.params
+        self.dropout_rngs = stream.fork()
 
     # ------------------------------------------------------------------ public API
 

@@ -110,7 +110,6 @@ def config_from_hf(
         qk_norm="per_head",
         qk_norm_eps=1e-5,  # HF's ChameleonLayerNorm hard-codes it
         swin_norm=bool(hf.get("swin_norm", False)),
-        dropout=float(hf.get("attention_dropout") or 0.0),
         initializer_range=float(hf.get("initializer_range", 0.02)),
         param_dtype=param_dtype,
         dtype=dtype or param_dtype,

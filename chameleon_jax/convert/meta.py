@@ -49,7 +49,8 @@ def to_numpy(t) -> np.ndarray:
 
 
 def interleaved_to_split_half(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Reorders the leading (heads * head_dim) axis of each head from (x0, y0, x1, y1, ...) to (x0, x1, ..., y0, y1, ...)."""
+    """Reorders each head's rows of the leading (heads * head_dim) axis from interleaved
+    pairs (x0, y0, x1, y1, ...) to halves (x0, x1, ..., y0, y1, ...)."""
     rest = w.shape[1:]
     head_dim = w.shape[0] // num_heads
     w = w.reshape((num_heads, head_dim // 2, 2) + rest)
@@ -198,9 +199,11 @@ def import_meta(
             wk = cat(shards.get(p + "attention.wk.weight", (kl * h, d)), 0)
             wv = cat(shards.get(p + "attention.wv.weight", (kl * h, d)), 0)
         if wq is not None:
-            writer.put_layer(i, ("attn", "wq_dnh"), interleaved_to_split_half(wq, n).T.reshape(d, n, h), p + "attention.wq")
+            wq = interleaved_to_split_half(wq, n)
+            writer.put_layer(i, ("attn", "wq_dnh"), wq.T.reshape(d, n, h), p + "attention.wq")
         if wk is not None:
-            writer.put_layer(i, ("attn", "wk_dkh"), interleaved_to_split_half(wk, k).T.reshape(d, k, h), p + "attention.wk")
+            wk = interleaved_to_split_half(wk, k)
+            writer.put_layer(i, ("attn", "wk_dkh"), wk.T.reshape(d, k, h), p + "attention.wk")
         if wv is not None:
             writer.put_layer(i, ("attn", "wv_dkh"), wv.T.reshape(d, k, h), p + "attention.wv")
         wo = cat(shards.get(p + "attention.wo.weight", (d, nl * h)), 1)
@@ -255,7 +258,9 @@ def import_meta(
     del shards
     write_model_dir(dst, cfg, params_tree)
     candidates = [Path(tokenizer)] if tokenizer else []
-    candidates += [src / "tokenizer" / "text_tokenizer.json", src / "text_tokenizer.json",
-                   src.parent / "tokenizer" / "text_tokenizer.json", src.parent.parent / "tokenizer" / "text_tokenizer.json"]
+    # Meta's release keeps the tokenizer two levels up: data/models/7b/ and data/tokenizer/.
+    for root in (src, src.parent, src.parent.parent):
+        candidates.append(root / "tokenizer" / "text_tokenizer.json")
+    candidates.append(src / "text_tokenizer.json")
     copy_tokenizer(candidates, dst)
     return cfg

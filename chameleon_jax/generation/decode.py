@@ -171,7 +171,13 @@ class _Carry(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key, *, spec):
-    model = nnx.merge(graphdef, model_state)
+    def run_model(*args):
+        # Fresh Variable objects at each trace level (tree.map rebuilds them): nnx transforms
+        # inside the model (nnx.scan over stacked layers) refuse variables created outside
+        # the while loop's trace.
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x, model_state), copy=True)
+        return model.decode(*args)
+
     rows, padded = tokens_rp.shape
     streams = guidance_lib.FORMS.index(spec.form) + 1
     batch = rows // streams
@@ -182,8 +188,8 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
     base_mask_rs = jnp.pad(mask_rp, ((0, 0), (0, limit)))
     base_len_r = mask_rp.sum(axis=1).astype(jnp.int32)
     positions_rp = jnp.maximum(jnp.cumsum(mask_rp, axis=1, dtype=jnp.int32) - 1, 0)
-    cache = model.init_cache(rows, cache_len)
-    logits_rpv, cache = model.decode(tokens_rp, positions_rp, cache, jnp.int32(0), base_mask_rs)
+    cache = nnx.merge(graphdef, model_state).init_cache(rows, cache_len)
+    logits_rpv, cache = run_model(tokens_rp, positions_rp, cache, jnp.int32(0), base_mask_rs)
 
     row_state = modes.init_state(batch)
     token_b, row_state, logits_bv = _choose(logits_rpv[:, -1], row_state, jnp.int32(0), key, params, tables,
@@ -206,7 +212,7 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
         first_r = jnp.where(is_guide_r & (token_r == tables.boi_id), write, c.first_r)
         visible_rs = base_mask_rs | ((slots_s[None] >= first_r[:, None]) & (slots_s[None] <= write))
         pos_r = jnp.maximum(base_len_r + write - first_r, 0)
-        logits_r1v, cache = model.decode(token_r[:, None], pos_r[:, None], c.cache, write, visible_rs)
+        logits_r1v, cache = run_model(token_r[:, None], pos_r[:, None], c.cache, write, visible_rs)
         token_b, row_state, logits_bv = _choose(logits_r1v[:, 0], c.row_state, c.step, key, params, tables,
                                                 spec, batch)
         logits_bnv = c.logits_bnv

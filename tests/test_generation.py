@@ -43,8 +43,9 @@ def check_images_well_formed(tokens: list[int]) -> int:
     return images
 
 
-def test_cached_greedy_decoding_matches_full_recomputation():
-    model = tiny_model()
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_greedy_decoding_matches_full_recomputation(scan_layers):
+    model = tiny_model(scan_layers=scan_layers)
     prompts = [ids("the cat sat"), ids("hi")]
     out = generate_tokens(model, VOCAB, prompts, max_new_tokens=12, text=GREEDY, ignore_eos=True, return_logits=True)
     for b, prompt in enumerate(prompts):

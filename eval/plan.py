@@ -489,6 +489,10 @@ def compare(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
 # --------------------------------------------------------------------------- output
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB" if n >= 2**26 else f"{n / 2**20:,.2f} MiB"
 
@@ -503,7 +507,7 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None)
     m = plan["model"]
     mesh = ",".join(f"{a}={s}" for a, s in plan["mesh"].items())
     out = [
-        f"{preset}: {plan['num_params'] / 1e9:.2f}B params (L={m['num_layers']}, D={m['hidden_dim']}, "
+        f"{preset}: {_count(plan['num_params'])} params (L={m['num_layers']}, D={m['hidden_dim']}, "
         f"heads={m['num_heads']}/{m['num_kv_heads']}kv, F={m['ffn_dim']}, V={m['vocab_size']}); "
         f"compute {m['dtype']}, params {m['param_dtype']}, remat={m['remat_policy']}, "
         f"attention={plan['activations']['attention_kernel']}",
@@ -534,7 +538,10 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None)
         out += [_table([["state (params + optimizer + other)", _gib(state), _gib(xla["state_bytes"])],
                         ["transient (grads + gathered + activations)", _gib(transient), _gib(xla["temp_bytes"])],
                         ["peak", _gib(plan["total_bytes_per_device"]), _gib(xla["peak_bytes"])]],
-                       ["memory per device", "estimate", f"XLA ({xla['backend']})"]), ""]
+                       ["estimate vs compiler, per device", "estimate", f"XLA ({xla['backend']})"])]
+        if xla["backend"] == "cpu" and m["dtype"] != "float32":
+            out.append(f"(XLA:CPU computes {m['dtype']} in float32, so its transient figure runs high here)")
+        out.append("")
     out += [_table(rows, ["memory per device", "bytes"]), ""]
     srows = [[name, v["what"], _gib(v["bytes"])] for name, v in acts["saved_tensors"].items()]
     out += [f"kept per block for the backward pass (remat={m['remat_policy']}):",
@@ -605,8 +612,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                        f" --xla_force_host_platform_device_count={need}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    backend = None
+    if args.compile:
+        import jax
+
+        backend = jax.default_backend()  # the estimate then describes the program XLA compiles here
     plan = make_plan(cfg, mesh_cfg, batch=args.batch, seq=seq, num_devices=args.devices,
-                     accelerator=args.accelerator, reserve=args.reserve)
+                     accelerator=args.accelerator, backend=backend, reserve=args.reserve)
     xla = None
     if args.compile:
         xla = compiled_memory(cfg, mesh_cfg, batch=args.batch, seq=seq)

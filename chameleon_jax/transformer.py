@@ -9,8 +9,8 @@ model, the swin-norm block `h = x + norm(attn(x)); out = h + norm(ffn(h))`.
     logits_btv, cache = model.decode(prompt_bt, pos_bt, cache, 0, kv_mask_bs)   # prefill
     logits_btv, cache = model.decode(next_b1, pos_b1, cache, t, kv_mask_bs)      # one step
 
-With `cfg.scan_layers` the blocks are stacked (parameters get a leading `layers`
-axis) and run with `nnx.scan`, so a deep model compiles one block, not L.
+With `cfg.scan_layers` the blocks are stacked (built with `nnx.vmap`, parameters get a
+leading `layers` axis) and run under one scan, so a deep model compiles one block, not L.
 """
 
 from __future__ import annotations
@@ -201,13 +201,18 @@ class Transformer(nnx.Module):
                 return nnx.remat(lambda b, x, k: inner(b, x, k, None, None), policy=policy)(block, x_btd, key)
 
         if cfg.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry, 0, 0), out_axes=nnx.Carry)
-            def body(block, carry, key, layer):
+            # A plain lax.scan over the stacked block state (rebuilt into a Block per step), so the
+            # model also runs inside loops traced after it was built (a decode while_loop).
+            graphdef, stacked = nnx.split(self.blocks)
+
+            def body(carry, xs):
                 x_btd, cache = carry
-                return run(block, x_btd, key, layer, cache)
+                state, key, layer = xs
+                return run(nnx.merge(graphdef, state), x_btd, key, layer, cache), None
 
             layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            return body(self.blocks, (x_btd, cache), keys, layers)
+            (x_btd, cache), _ = jax.lax.scan(body, (x_btd, cache), (stacked, keys, layers))
+            return x_btd, cache
 
         for i, block in enumerate(self.blocks):
             x_btd, cache = run(block, x_btd, None if keys is None else keys[i], i, cache)

@@ -230,3 +230,24 @@ def test_directory_without_config_is_a_clear_error(tmp_path):
         cfg = tiny()
         save_model(tmp_path / "m", make(cfg), cfg)
         load_model(tmp_path / "m", overrides={"num_layers": 3})
+
+
+def test_scanned_model_decodes_inside_a_while_loop_it_was_not_built_in():
+    cfg = tiny(scan_layers=True, max_seq_len=8)
+    model = make(cfg)
+    seq = tokens((1, 5), seed=10)
+    full = forward(model, seq)[0]
+
+    @nnx.jit
+    def run(m, seq):
+        mask = jnp.ones((1, cfg.max_seq_len), bool)
+
+        def body(carry):
+            i, cache, out = carry
+            logits, cache = m.decode(jax.lax.dynamic_slice_in_dim(seq, i, 1, axis=1), i[None, None], cache, i, mask)
+            return i + 1, cache, out.at[i].set(logits[0, 0])
+
+        init = (jnp.int32(0), m.init_cache(1), jnp.zeros((5, cfg.vocab_size)))
+        return jax.lax.while_loop(lambda c: c[0] < 5, body, init)[2]
+
+    np.testing.assert_allclose(run(model, seq), full, atol=1e-4)

@@ -79,7 +79,9 @@ def sample_ids(seed=1, shape=(2, 11)):
 )
 def test_hf_import_matches_hf_logits(tmp_path, num_kv_heads, swin_norm, scan):
     hf = tiny_hf_model(num_kv_heads, swin_norm)
-    hf.save_pretrained(tmp_path / "hf")
+    # Small shards for the scanned cases: the importer must follow model.safetensors.index.json.
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB" if scan else "1GB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == scan
     (tmp_path / "hf" / "tokenizer.json").write_text('{"model": {"vocab": {}}}')
     args = ["hf", str(tmp_path / "hf"), str(tmp_path / "out")] + ([] if scan else ["--no-scan-layers"])
     assert convert_main(args) == 0

@@ -1,12 +1,20 @@
 """One process of a multi-process CPU training run; tests/test_multiprocess.py starts it.
 
-    python tests/multiprocess_worker.py --process-id 0 --num-processes 2 --port 12345 \
-        --local-devices 4 --steps 3 --out /tmp/losses_0.json
+    python tests/multiprocess_worker.py --run-dir /tmp/mp --process-id 0 --num-processes 2 \
+        --port 12345 --local-devices 4 --steps 3 --out /tmp/losses_0.json
 
-Every process sees `--local-devices` fake CPU devices; with several processes they
-join through `jax.distributed.initialize` (gloo collectives on CPU) and train on a
-mesh spanning all of them. Each process builds only its own rows of every global
-batch. The losses (identical on every process) are written to `--out` as JSON.
+Every process sees `--local-devices` fake CPU devices; with several processes they join
+through `train.lm.maybe_initialize_distributed` (gloo collectives on CPU) and train the
+`tiny` LM preset with the project's `Trainer` on one mesh spanning all of them.
+
+Data: the document stream is split into `--data-shards` sub-streams exactly as
+`LMData.train_iterator(rows, shard, shards)` splits it between processes; a process
+reads only the shards it owns, and the global batch is assembled from the processes'
+rows with `lm_data.global_batch` (`jax.make_array_from_process_local_data`). One process
+owning every shard therefore sees the same global batch as two processes owning one
+each, so their losses must agree.
+
+The losses, gradient norms and final parameter norm are written to `--out` as JSON.
 """
 
 from __future__ import annotations
@@ -20,95 +28,89 @@ import time
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", required=True, help="vocabulary and image-code cache (shared by all processes)")
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (several processes only)")
     p.add_argument("--local-devices", type=int, default=8, help="fake CPU devices in this process")
     p.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="mesh sizes over all processes' devices")
+    p.add_argument("--data-shards", type=int, default=2, help="sub-streams the documents are split into")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="global batch (rows)")
-    p.add_argument("--seq", type=int, default=32, help="tokens per row")
-    p.add_argument("--out", required=True, help="where to write {'losses': [...]} as JSON")
+    p.add_argument("--seq", type=int, default=128, help="tokens per row")
+    p.add_argument("--out", required=True, help="where to write the results as JSON")
     return p.parse_args(argv)
 
 
-def _mesh_sizes(text: str) -> dict[str, int]:
-    sizes = {}
-    for item in text.split(","):
-        name, _, value = item.partition("=")
-        sizes[name.strip()] = int(value)
-    return sizes
-
-
-def _global_tokens(step: int, batch: int, seq: int, vocab: int):
-    """The full global batch of one step; every process can compute any of its rows."""
-    import numpy as np
-
-    rows = [np.random.default_rng([step, r]).integers(0, vocab, size=seq + 1) for r in range(batch)]
-    return np.stack(rows).astype(np.int32)
-
-
-def _local_rows(sharding, global_shape) -> slice:
-    """The contiguous block of batch rows held by this process's devices under `sharding`."""
+def _rows_of_this_process(sharding, shape) -> tuple[int, int]:
+    """[start, stop) of the batch rows held by this process's devices."""
     starts, stops = [], []
-    for idx in sharding.addressable_devices_indices_map(global_shape).values():
+    for idx in sharding.addressable_devices_indices_map(shape).values():
         starts.append(idx[0].start or 0)
-        stops.append(global_shape[0] if idx[0].stop is None else idx[0].stop)
-    return slice(min(starts), max(stops))
+        stops.append(shape[0] if idx[0].stop is None else idx[0].stop)
+    return min(starts), max(stops)
 
 
-def train(mesh_text: str, *, steps: int, batch: int, seq: int) -> list[float]:
-    """A few AdamW steps of a small sharded LM; returns the loss of each step."""
+def train(args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    import optax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    sizes = _mesh_sizes(mesh_text)
-    names = ("data", "fsdp", "tensor")
-    mesh = jax.make_mesh(tuple(sizes[n] for n in names), names, devices=jax.devices(),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    vocab, dim, hidden = 64, 32, 64
-    specs = {"embed_vd": P("tensor", "fsdp"), "w_in_df": P("fsdp", "tensor"), "w_out_fd": P("tensor", "fsdp"),
-             "unembed_dv": P("fsdp", "tensor")}
-    shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    from chameleon_jax import configlib
+    from chameleon_jax.lm_data import LMData, global_batch
+    from chameleon_jax.sharding import build_mesh
+    from train import lm, lm_config
 
-    def init(key):
-        k = jax.random.split(key, 4)
-        return {
-            "embed_vd": jax.random.normal(k[0], (vocab, dim)) * 0.02,
-            "w_in_df": jax.random.normal(k[1], (dim, hidden)) * 0.02,
-            "w_out_fd": jax.random.normal(k[2], (hidden, dim)) * 0.02,
-            "unembed_dv": jax.random.normal(k[3], (dim, vocab)) * 0.02,
-        }
+    overrides = [f"mesh.{item.strip()}" for item in args.mesh.split(",")] + [
+        f"batch_size={args.batch}", f"steps={args.steps}", f"data.sequence.seq_len={args.seq}",
+        f"data.cache_dir={os.path.join(args.run_dir, 'codes')}", "data.sequence.overlong=split", "optim.warmup_steps=1", "progress=false",
+    ]
+    if args.num_processes > 1:
+        overrides += [f"coordinator_address=127.0.0.1:{args.port}", f"num_processes={args.num_processes}",
+                      f"process_id={args.process_id}"]
+    cfg = configlib.apply_overrides(lm_config.tiny(), overrides)
+    lm.maybe_initialize_distributed(cfg)
 
-    tx = optax.adamw(1e-2)
-    params = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    opt_state = jax.jit(tx.init)(params)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    assert pcount == args.num_processes and jax.local_device_count() == args.local_devices, (
+        pcount, jax.local_device_count())
+    data = LMData.build(cfg.data, run_dir=args.run_dir, vq_dir="", is_primary=pidx == 0)
+    cfg = lm.resolve_config(cfg, data.vocab)
+    mesh = build_mesh(cfg.mesh)
+    trainer = lm.get_trainer(cfg, mesh)
+    state = trainer.init_state()
 
-    def loss_fn(p, tokens_bt):
-        x_btd = p["embed_vd"][tokens_bt[:, :-1]]
-        x_btd = x_btd + jax.nn.gelu(x_btd @ p["w_in_df"]) @ p["w_out_fd"]
-        logits_btv = x_btd @ p["unembed_dv"]
-        return optax.softmax_cross_entropy_with_integer_labels(logits_btv, tokens_bt[:, 1:]).mean()
+    shards = args.data_shards
+    if shards % pcount or args.batch % shards:
+        raise SystemExit(f"{shards} data shards must split over {pcount} processes and divide the batch {args.batch}")
+    mine = range(pidx * shards // pcount, (pidx + 1) * shards // pcount)
+    iterators = [data.train_iterator(args.batch, s, shards) for s in mine]
+    # Shard s's rows are global rows [s*B/S, (s+1)*B/S): this process's devices must hold its shards' rows.
+    shape = (args.batch, data.seq_len)
+    held = _rows_of_this_process(trainer.batch_sharding(shape), shape)
+    wanted = (mine[0] * args.batch // shards, (mine[-1] + 1) * args.batch // shards)
+    if held != wanted:
+        raise SystemExit(f"process {pidx}'s devices hold batch rows {held}, its data shards are rows {wanted}")
 
-    @jax.jit
-    def step(p, o, tokens_bt):
-        loss, grads = jax.value_and_grad(loss_fn)(p, tokens_bt)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
-
-    batch_sharding = NamedSharding(mesh, P(("data", "fsdp"), None))
-    shape = (batch, seq + 1)
-    rows = _local_rows(batch_sharding, shape)
-    losses = []
-    for i in range(steps):
-        local = _global_tokens(i, batch, seq, vocab)[rows]
-        tokens = jax.make_array_from_process_local_data(batch_sharding, local, shape)
-        params, opt_state, loss = step(params, opt_state, tokens)
-        losses.append(float(np.asarray(jax.device_get(loss))))
-    return losses
+    losses, grad_norms, param_norm = [], [], None
+    for _ in range(args.steps):
+        parts = [it.next_local() for it in iterators]
+        local = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        batch = global_batch(local, trainer.batch_sharding, args.batch)
+        state, metrics = trainer.train_step(state, batch)
+        m = jax.device_get(metrics)
+        losses.append(float(m["loss"]))
+        grad_norms.append(float(m["grad_norm"]))
+        param_norm = float(m["param_norm"])
+    return {
+        "losses": losses,
+        "grad_norms": grad_norms,
+        "param_norm": param_norm,
+        "rows": list(held),
+        "process_index": pidx,
+        "process_count": pcount,
+        "global_devices": jax.device_count(),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+    }
 
 
 def main(argv=None):
@@ -119,32 +121,14 @@ def main(argv=None):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if repo not in sys.path:
         sys.path.insert(0, repo)
-
-    import jax
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if args.num_processes > 1:
-        jax.distributed.initialize(
-            coordinator_address=f"127.0.0.1:{args.port}",
-            num_processes=args.num_processes,
-            process_id=args.process_id,
-            initialization_timeout=120,
-        )
-    assert jax.process_count() == args.num_processes, jax.process_count()
-    assert jax.local_device_count() == args.local_devices, jax.local_device_count()
-
     t0 = time.time()
-    losses = train(args.mesh, steps=args.steps, batch=args.batch, seq=args.seq)
-    result = {
-        "losses": [float(x) for x in losses],
-        "process_index": jax.process_index(),
-        "process_count": jax.process_count(),
-        "global_devices": jax.device_count(),
-        "seconds": round(time.time() - t0, 2),
-    }
+    result = train(args)
+    result["seconds"] = round(time.time() - t0, 2)
     with open(args.out, "w") as f:
         json.dump(result, f)
     if args.num_processes > 1:
+        import jax
+
         jax.distributed.shutdown()
 
 

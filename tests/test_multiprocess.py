@@ -1,9 +1,10 @@
 """Two processes with 4 CPU devices each train exactly like one process with 8.
 
-The processes join with `jax.distributed.initialize` (gloo collectives), build one
-mesh over all 8 devices, and each reads only its own rows of every global batch.
-Collectives over gloo may sum in another order than in-process ones, hence the
-float32 tolerance rather than bit equality.
+The worker (tests/multiprocess_worker.py) trains the `tiny` LM preset with the project's
+data pipeline, Trainer and distributed setup on a data=2, fsdp=2, tensor=2 mesh. The
+processes join with `jax.distributed.initialize` (gloo collectives) and each reads only
+its own data shard; the one-process run reads both shards. Collectives over gloo may
+sum in another order than in-process ones, hence a float32 tolerance, not bit equality.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict[str, str]:
+def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
     env["JAX_PLATFORMS"] = "cpu"
+    env["CHAMELEON_JAX_DATA"] = str(tmp_path / "data")
     env["PYTHONPATH"] = str(WORKER.parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -39,8 +41,9 @@ def _env() -> dict[str, str]:
 def _start(tmp_path: Path, tag: str, extra: list[str]) -> tuple[subprocess.Popen, Path, Path]:
     out = tmp_path / f"{tag}.json"
     log = tmp_path / f"{tag}.log"
-    cmd = [sys.executable, str(WORKER), "--out", str(out), "--steps", "3", *extra]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    cmd = [sys.executable, str(WORKER), "--out", str(out), "--steps", "3", "--run-dir", str(tmp_path / "run"), *extra]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(tmp_path), cwd=tmp_path)
     return proc, out, log
 
 
@@ -71,6 +74,7 @@ def _finish(procs) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
+    # Runs first and alone: it also builds the vocabulary and image-code cache the others load.
     single = _finish([_start(tmp_path, "single", ["--num-processes", "1", "--local-devices", "8"])])[0]
 
     port = _free_port()
@@ -82,10 +86,14 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
     multi = _finish(procs)
 
     assert single["global_devices"] == 8 and single["process_count"] == 1
+    assert single["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     for r in multi:
-        assert r["process_count"] == 2 and r["global_devices"] == 8
-    assert sorted(r["process_index"] for r in multi) == [0, 1]
-    # Every process sees the same global loss, and it matches the one-process run.
-    np.testing.assert_allclose(multi[0]["losses"], multi[1]["losses"], rtol=0, atol=1e-6)
-    np.testing.assert_allclose(multi[0]["losses"], single["losses"], rtol=1e-5, atol=1e-5)
+        assert r["process_count"] == 2 and r["global_devices"] == 8 and r["mesh"] == single["mesh"]
+    # Each process holds (and read) its own half of the batch rows.
+    assert sorted(tuple(r["rows"]) for r in multi) == [(0, 4), (4, 8)]
     assert len(single["losses"]) == 3 and np.all(np.isfinite(single["losses"]))
+    assert single["losses"][-1] < single["losses"][0]  # it trains
+    # Every process sees the same global figures, and they match the one-process run.
+    for key in ("losses", "grad_norms", "param_norm"):
+        np.testing.assert_allclose(multi[0][key], multi[1][key], rtol=0, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(multi[0][key], single[key], rtol=1e-5, atol=1e-5, err_msg=key)

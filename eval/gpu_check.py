@@ -1,0 +1,370 @@
+"""One-accelerator performance check: training MFU and decode speed against the chip's limits.
+
+    python -m eval.gpu_check              # on one H100/H200/TPU: a few minutes
+    python -m eval.gpu_check --smoke      # tiny shapes, seconds, any machine (the CPU test runs this)
+
+Prints one JSON object on stdout (progress goes to stderr):
+
+- train: the project's sharded `Trainer` step (forward, backward, AdamW) on the
+  `chameleon-1b` preset (eval.plan.EXTRA_PRESETS) at bfloat16 compute, float32 parameters,
+  with a real sequence length, synthetic packed rows, timed after warmup. MFU = model
+  FLOPs per token (`transformer.flops_per_token`: 6N + attention) x tokens/s / the chip's
+  peak dense bf16 FLOP/s (eval.accelerators); also against a bf16 matmul measured here.
+  The memory planner's estimate for the same step sits beside the device's peak bytes.
+- decode: a 7B-shaped model (`chameleon-7b` shapes, random bf16 weights) decoding one
+  token per step with `Transformer.decode` and its fixed-size KV cache, in one compiled
+  `fori_loop` of `decode_steps` steps (like the project's generation loop), timed after
+  a warmup call, at each batch size. Bytes per step = every weight read once (the
+  embedding table only for the rows looked up) + the whole KV cache (the decode step
+  attends over the fixed-size cache, masked), so `hbm_fraction` = bytes per step /
+  step time / the chip's HBM bandwidth is the fraction of the memory-bound limit reached.
+
+Only the model, sharding, train step and optimizer are imported (no data sets, no
+TFDS or grain), so this runs on a machine with nothing but JAX, Flax and Optax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import traceback
+from typing import Any, Sequence
+
+from chameleon_jax import configlib
+from chameleon_jax.config import MeshConfig, ModelConfig
+from eval import accelerators, plan
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _preset(name: str, overrides: Sequence[str]) -> ModelConfig:
+    table = plan.presets()
+    if name not in table:
+        raise configlib.ConfigError(f"unknown preset {name!r}; known: {', '.join(table)}")
+    return configlib.apply_overrides(table[name](), list(overrides))
+
+
+def _device_peak_bytes() -> int | None:
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def synthetic_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, Any]:
+    """Random tokens in the training batch layout: two packed documents per row."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (rows, seq + 1)).astype(np.int32)
+    half = seq // 2
+    positions = np.concatenate([np.arange(half), np.arange(seq - half)]).astype(np.int32)
+    segments = np.concatenate([np.ones(half), 2 * np.ones(seq - half)]).astype(np.int32)
+    return {
+        "tokens": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "positions": np.tile(positions, (rows, 1)),
+        "segment_ids": np.tile(segments, (rows, 1)),
+        "loss_weights": np.ones((rows, seq), np.float32),
+        "modality": rng.integers(0, 2, (rows, seq)).astype(np.int8),
+    }
+
+
+def check_train(cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: int,
+                acc: accelerators.Accelerator | None) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from chameleon_jax.sharding import build_mesh
+    from chameleon_jax.transformer import count_params, flops_per_token
+    from train.optim import OptimConfig, make_optimizer
+    from train.step import Trainer, dense_matmul_flops
+
+    devices = jax.device_count()
+    mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=1)
+    estimate = plan.make_plan(cfg, mesh_cfg, batch=batch, seq=seq, num_devices=devices,
+                              backend=jax.default_backend())
+    mesh = build_mesh(mesh_cfg)
+    trainer = Trainer(cfg, make_optimizer(OptimConfig(warmup_steps=1), steps + warmup + 2), mesh, mesh_cfg.rules)
+    host = synthetic_batch(batch, seq, cfg.vocab_size)
+    data = {k: jax.device_put(v, trainer.batch_sharding(v.shape)) for k, v in host.items()}
+
+    t0 = time.perf_counter()
+    state = trainer.init_state()
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state, metrics = trainer.train_step(state, data)  # compiles
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        state, metrics = trainer.train_step(state, data)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = trainer.train_step(state, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    step_s = float(np.median(times))
+    tokens_per_s = batch * seq / step_s
+    model_flops_per_s = flops_per_token(cfg, seq) * tokens_per_s
+    matmul = dense_matmul_flops(4096 if acc else 512, 10, dtype=jax.numpy.bfloat16)
+    plan_total = estimate["total_bytes_per_device"]
+    return {
+        "params": count_params(cfg),
+        "batch": batch,
+        "seq": seq,
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype,
+        "remat": cfg.remat_policy,
+        "attention": plan.attention_kernel(cfg, jax.default_backend()),
+        "init_s": init_s,
+        "first_step_s": compile_s,
+        "step_s_median": step_s,
+        "step_s_min": float(np.min(times)),
+        "tokens_per_s": tokens_per_s,
+        "model_flops_per_token": flops_per_token(cfg, seq),
+        "model_tflops_per_s": model_flops_per_s / 1e12,
+        "mfu": model_flops_per_s / (acc.peak_bf16_flops * devices) if acc else None,
+        "measured_bf16_matmul_tflops": matmul / 1e12,
+        "mfu_vs_measured_matmul": model_flops_per_s / (matmul * devices),
+        "final_loss": float(metrics["loss"]),
+        "planned_bytes_per_device": plan_total,
+        "device_peak_bytes": _device_peak_bytes(),
+    }
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_bytes_per_step(cfg: ModelConfig, batch: int, cache_len: int) -> dict[str, int]:
+    """HBM bytes one single-token decode step must read: weights once, the embedding rows
+    looked up, and the whole fixed-size KV cache (keys and values of every layer)."""
+    from chameleon_jax.transformer import count_params
+
+    w = plan.DTYPE_BYTES[cfg.param_dtype]
+    c = plan.DTYPE_BYTES[cfg.dtype]
+    weights = count_params(cfg, include_embedding=False) * w + batch * cfg.hidden_dim * w
+    kv = 2 * cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * c
+    return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
+def check_decode(cfg: ModelConfig, *, batches: Sequence[int], steps: int, cache_len: int, context: int,
+                 acc: accelerators.Accelerator | None, repeats: int = 3) -> dict[str, Any]:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from chameleon_jax.sharding import build_mesh, create_sharded_model
+    from chameleon_jax.transformer import count_params
+
+    if context + steps > cache_len:
+        raise configlib.ConfigError(f"context {context} + decode steps {steps} exceed the cache ({cache_len})")
+    mesh_cfg = MeshConfig(data=1, fsdp=1, tensor=1)
+    mesh = build_mesh(mesh_cfg, jax.local_devices()[:1])
+    t0 = time.perf_counter()
+    model = create_sharded_model(cfg, mesh, mesh_cfg.rules, seed=0)
+    graphdef, state = nnx.split(model)
+    jax.block_until_ready(state)
+    init_s = time.perf_counter() - t0
+    del model
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    @functools.partial(jax.jit, donate_argnums=(1,), out_shardings=replicated)
+    def run(state, cache, token_b, start):
+        b = token_b.shape[0]
+        slots = jnp.arange(cache_len, dtype=jnp.int32)
+
+        def body(i, carry):
+            token_b, cache = carry
+            index = start + i
+            kv_mask_bs = jnp.broadcast_to(slots <= index, (b, cache_len))
+            # A fresh model per trace level: nnx.scan inside decode refuses outer-trace variables.
+            m = nnx.merge(graphdef, jax.tree.map(lambda x: x, state), copy=True)
+            positions = jnp.full((b, 1), index, jnp.int32)
+            logits_btv, cache = m.decode(token_b[:, None], positions, cache, index, kv_mask_bs)
+            return jnp.argmax(logits_btv[:, -1], axis=-1).astype(jnp.int32), cache
+
+        return jax.lax.fori_loop(0, steps, body, (token_b, cache))
+
+    out = []
+    for b in batches:
+        row: dict[str, Any] = {"batch": b, "decode_steps": steps, "cache_len": cache_len, "context": context}
+        # Inputs placed as the outputs will be, so the timed calls reuse the first call's compilation.
+        cache = jax.device_put(nnx.merge(graphdef, state).init_cache(b, cache_len), replicated)
+        token = jax.device_put(jnp.zeros((b,), jnp.int32), replicated)
+        start = jax.device_put(jnp.int32(context), replicated)
+        t0 = time.perf_counter()
+        token, cache = run(state, cache, token, start)  # compiles
+        jax.block_until_ready(token)
+        row["first_call_s"] = time.perf_counter() - t0
+        seconds = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            token, cache = run(state, cache, token, start)
+            jax.block_until_ready(token)
+            seconds = min(seconds, time.perf_counter() - t0)
+        step_s = seconds / steps
+        nbytes = decode_bytes_per_step(cfg, b, cache_len)
+        row.update(
+            step_ms=1e3 * step_s,
+            tokens_per_s=b * steps / seconds,
+            bytes_per_step=nbytes["total"],
+            weight_bytes_per_step=nbytes["weights"],
+            kv_bytes_per_step=nbytes["kv_cache"],
+            achieved_gb_per_s=nbytes["total"] / step_s / 1e9,
+            hbm_fraction=(nbytes["total"] / step_s / acc.hbm_bandwidth) if acc else None,
+            memory_bound_step_ms=(1e3 * nbytes["total"] / acc.hbm_bandwidth) if acc else None,
+        )
+        out.append(row)
+        del cache
+        log(f"decode batch {b}: {row['tokens_per_s']:.1f} tokens/s, {row['step_ms']:.2f} ms/step")
+    return {"params": count_params(cfg), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+            "attention": plan.attention_kernel(cfg, jax.default_backend()), "init_s": init_s, "runs": out}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    train_preset: str
+    train_overrides: tuple[str, ...]
+    train_batch: int
+    train_seq: int
+    train_steps: int
+    train_warmup: int
+    decode_preset: str
+    decode_overrides: tuple[str, ...]
+    decode_batches: tuple[int, ...]
+    decode_steps: int
+    cache_len: int
+    context: int
+
+
+FULL = Shapes("chameleon-1b", ("dtype=bfloat16", "param_dtype=float32", "remat_policy=save_dots"), 8, 2048, 10, 2,
+              "chameleon-7b", ("dtype=bfloat16", "param_dtype=bfloat16", "dropout=0.0"), (1, 16), 128, 1024, 512)
+SMOKE = Shapes("tiny", ("dtype=bfloat16", "param_dtype=float32", "remat_policy=save_dots", "scan_layers=true"),
+               2, 64, 2, 1, "tiny", ("dtype=bfloat16", "param_dtype=bfloat16", "scan_layers=true"), (1, 2), 4, 32, 16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.gpu_check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (seconds on a CPU); checks the script, not the chip")
+    p.add_argument("--accelerator", default=None,
+                   help="spec to compare against (default: detected from the device kind; none on CPU)")
+    p.add_argument("--train-batch", type=int, default=None)
+    p.add_argument("--train-seq", type=int, default=None)
+    p.add_argument("--train-steps", type=int, default=None)
+    p.add_argument("--remat", choices=["none", "full", "save_dots", "save_names"], default=None)
+    p.add_argument("--decode-batches", default=None, help="comma-separated batch sizes, e.g. 1,16")
+    p.add_argument("--decode-steps", type=int, default=None)
+    p.add_argument("--skip", choices=["train", "decode"], action="append", default=[], help="leave a part out")
+    p.add_argument("--out", default="", help="also write the JSON here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import jax
+
+    shapes = SMOKE if args.smoke else FULL
+    over = {}
+    if args.train_batch:
+        over["train_batch"] = args.train_batch
+    if args.train_seq:
+        over["train_seq"] = args.train_seq
+    if args.train_steps:
+        over["train_steps"] = args.train_steps
+    if args.remat:
+        over["train_overrides"] = shapes.train_overrides + (f"remat_policy={args.remat}",)
+    if args.decode_batches:
+        over["decode_batches"] = tuple(int(b) for b in args.decode_batches.split(","))
+    if args.decode_steps:
+        over["decode_steps"] = args.decode_steps
+    shapes = dataclasses.replace(shapes, **over)
+
+    device = jax.local_devices()[0]
+    if args.accelerator:
+        try:
+            acc = accelerators.get(args.accelerator)
+        except KeyError as e:
+            raise configlib.ConfigError(str(e.args[0])) from None
+    else:
+        acc = accelerators.detect(device.device_kind)
+    result: dict[str, Any] = {
+        "smoke": args.smoke,
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "devices": jax.device_count(),
+        "jax_version": jax.__version__,
+        "accelerator": dataclasses.asdict(acc) if acc else None,
+        "errors": {},
+    }
+    t_all = time.perf_counter()
+    parts = {
+        "train": (shapes.train_preset, shapes.train_overrides, lambda cfg: check_train(
+            cfg, batch=shapes.train_batch, seq=shapes.train_seq, steps=shapes.train_steps,
+            warmup=shapes.train_warmup, acc=acc)),
+        "decode": (shapes.decode_preset, shapes.decode_overrides, lambda cfg: check_decode(
+            cfg, batches=shapes.decode_batches, steps=shapes.decode_steps, cache_len=shapes.cache_len,
+            context=shapes.context, acc=acc)),
+    }
+    for part, (preset, overrides, fn) in parts.items():
+        if part in args.skip:
+            continue
+        cfg = _preset(preset, overrides)
+        log(f"{part}: {preset} {' '.join(overrides)}")
+        try:
+            result[part] = {"preset": preset, **_with_fallback(fn, cfg, part, result)}
+        except Exception as e:  # report it and go on with the next part
+            result["errors"][part] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    result["total_s"] = time.perf_counter() - t_all
+    # This must run where the data-set stack is absent: none of it may have been imported.
+    result["data_modules_loaded"] = sorted(
+        m for m in sys.modules if m.split(".")[0] in ("tensorflow", "tensorflow_datasets", "grain", "array_record"))
+    text = json.dumps(result)
+    print(text, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 1 if result["errors"] else 0
+
+
+def _with_fallback(fn, cfg: ModelConfig, part: str, result: dict[str, Any]) -> dict[str, Any]:
+    """Runs fn(cfg); if the cuDNN attention kernel fails, records why and runs it again with XLA's."""
+    import jax
+
+    try:
+        return fn(cfg)
+    except Exception as e:
+        if plan.attention_kernel(cfg, jax.default_backend()) != "cudnn":
+            raise
+        result.setdefault("attention_fallbacks", {})[part] = f"cudnn: {type(e).__name__}: {str(e)[:500]}"
+        log(f"{part}: cuDNN attention failed ({type(e).__name__}); again with attention_impl=xla")
+        return fn(dataclasses.replace(cfg, attention_impl="xla"))
+
+
+if __name__ == "__main__":
+    code = 0
+
+    def _run():
+        global code
+        code = main()
+
+    configlib.main_guard(_run)
+    raise SystemExit(code)

@@ -58,7 +58,11 @@ def _demo() -> DemoConfig:
 def _tiny() -> DemoConfig:
     """A few steps of every stage on tiny models: the end-to-end test, a minute or two on a CPU."""
     vq = train_vqvae.PRESETS["tiny"]()
-    vq = dataclasses.replace(vq, data=dataclasses.replace(vq.data, source="shapes", num_examples=256))
+    vq = dataclasses.replace(
+        vq,
+        model=dataclasses.replace(vq.model, image_size=64, channel_mult=(1, 2, 2, 2, 2)),  # 4x4 = 16 codes
+        data=dataclasses.replace(vq.data, source="shapes", num_examples=256),
+    )
     lm = lm_config.PRESETS["tiny"]()
     lm = dataclasses.replace(lm, steps=6, log_interval=2, eval_interval=0, checkpoint_interval=0, progress=False)
     return DemoConfig(
@@ -129,12 +133,13 @@ def stage_vq_eval(cfg: DemoConfig, vq_dir: Path, run_dir: Path) -> dict[str, Any
     grid = vq_dir / "eval_vq.png"
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = dict(res)
+    record = {k: v for k, v in res.items() if k != "samples"}
     if grid.exists():
         shutil.copy(grid, out_dir / "vq_grid.png")
         record["grid"] = "eval/vq_grid.png"
     common.write_results(run_dir, "vq", record)
-    return {f"vq_{k}" if not k.startswith("vq_") else k: v for k, v in _scalars(res).items()}
+    renamed = {"psnr": "psnr_db"}
+    return {f"vq_{renamed.get(k, k)}": v for k, v in _scalars(res).items()}
 
 
 def stage_eval(name: str, module, pipe_fn, cfg: DemoConfig, n: int) -> Callable[[], dict[str, Any]]:

@@ -46,6 +46,8 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
 def _cards(samples: list[dict[str, Any]]) -> str:
     out = []
     for s in samples:
+        if not isinstance(s, dict):
+            continue
         parts = []
         if s.get("image"):
             parts.append(_img(s["image"], "gen" if s.get("generated") else ""))

@@ -41,6 +41,7 @@ class DemoConfig:
     overwrite: bool = param(False, "redo every stage instead of reusing finished ones")
     image_size: int = param(64, "Shapes picture size (32, 64 or 128)")
     judge_examples: int = param(1000, "ground-truth pictures per split on which the judge is scored (0 = all)")
+    vq_examples: int = param(1000, "test pictures on which the image tokenizer is scored (0 = all)")
     caption_examples: int = param(200, "pictures captioned in the captioning evaluation")
     vqa_examples: int = param(100, "pictures whose every question is asked in the VQA evaluation")
     t2i_examples: int = param(100, "captions per split (test = seen pairs, heldout) drawn in text-to-image")
@@ -66,7 +67,7 @@ def _tiny() -> DemoConfig:
     lm = lm_config.PRESETS["tiny"]()
     lm = dataclasses.replace(lm, steps=6, log_interval=2, eval_interval=0, checkpoint_interval=0, progress=False)
     return DemoConfig(
-        run_dir="runs/demo-tiny", judge_examples=20, caption_examples=4, vqa_examples=2, t2i_examples=2,
+        run_dir="runs/demo-tiny", judge_examples=20, vq_examples=32, caption_examples=4, vqa_examples=2, t2i_examples=2,
         interleaved_examples=2, perplexity_examples=2, vq=vq, lm=lm,
         eval=dataclasses.replace(common.EvalConfig(), batch_size=4, max_new_tokens=12),
     )
@@ -129,7 +130,7 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
 def stage_vq_eval(cfg: DemoConfig, vq_dir: Path, run_dir: Path) -> dict[str, Any]:
     from eval import vq as eval_vq
 
-    res = eval_vq.evaluate(vq_dir, split="test", data_dir=cfg.eval.data_dir)
+    res = eval_vq.evaluate(vq_dir, split="test", num_examples=cfg.vq_examples, data_dir=cfg.eval.data_dir or None)
     grid = vq_dir / "eval_vq.png"
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +171,7 @@ def run(cfg: DemoConfig) -> Path:
     vq_cfg = dataclasses.replace(cfg.vq, run_dir=str(run_dir / "vq"), overwrite=cfg.overwrite)
     _banner("vq: image tokenizer training")
     vq_dir = train_vqvae.run(vq_cfg)
-    stages.run("vq_eval", [configlib.to_dict(vq_cfg), _stamp(vq_dir / "tokenizer")],
+    stages.run("vq_eval", [configlib.to_dict(vq_cfg), _stamp(vq_dir / "tokenizer"), cfg.vq_examples],
                lambda: stage_vq_eval(cfg, vq_dir, run_dir))
 
     lm_cfg = dataclasses.replace(cfg.lm, run_dir=str(run_dir / "lm"), vq_dir=str(vq_dir), overwrite=cfg.overwrite)

@@ -23,6 +23,11 @@ class Accelerator:
     device_kinds: tuple[str, ...]  # lowercase substrings of `jax.Device.device_kind` that identify it
     memory_label: str  # the capacity as the vendor states it
 
+    @property
+    def backend(self) -> str:
+        """The JAX backend that drives it ("tpu" or "gpu")."""
+        return "tpu" if self.name.startswith("v") else "gpu"
+
     def describe(self) -> str:
         return (f"{self.name}: {self.memory_label}, {self.hbm_bandwidth / 1e12:.2f} TB/s HBM, "
                 f"{self.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16")

@@ -388,30 +388,35 @@ def make_plan(
     leaves = state_leaves(trainer)
     acc = accelerators.get(accelerator) if accelerator else None
     if backend is None:
-        backend = "gpu" if acc is not None and acc.name in ("a100", "h100", "h200") else "tpu"
-    kernel = attention_kernel(cfg, backend)
+        backend = acc.backend if acc is not None else "tpu"
+    block_bytes = block_param_bytes(leaves, cfg)
 
     def total(group):
         return sum(l.device_bytes for l in leaves if l.group == group)
 
-    param_bytes = total("params")
-    acts = activation_estimate(cfg, batch, seq, mesh, rules, kernel, block_param_bytes(leaves, cfg))
-    parts = {
-        "params": param_bytes,
-        "optimizer": total("optimizer"),
-        "other_state": total("other"),
-        "gradients": param_bytes,
-        "gathered_weights": gathered_weights_bytes(leaves, cfg, sizes),
-        "activations": acts["total_bytes"],
-    }
+    def parts_for(backend: str) -> tuple[dict[str, int], dict[str, Any]]:
+        acts = activation_estimate(cfg, batch, seq, mesh, rules, attention_kernel(cfg, backend), block_bytes)
+        param_bytes = total("params")
+        return {
+            "params": param_bytes,
+            "optimizer": total("optimizer"),
+            "other_state": total("other"),
+            "gradients": param_bytes,
+            "gathered_weights": gathered_weights_bytes(leaves, cfg, sizes),
+            "activations": acts["total_bytes"],
+        }, acts
+
+    parts, acts = parts_for(backend)
     total_bytes = sum(parts.values())
     num_params = sum(math.prod(l.shape) for l in leaves if l.group == "params")
     assert num_params == count_params(cfg), (num_params, count_params(cfg))
 
     def fit(a: accelerators.Accelerator) -> dict[str, Any]:
+        # Each chip with the attention kernel it would run (cuDNN flash attention on GPUs).
+        needed = total_bytes if a.backend == backend else sum(parts_for(a.backend)[0].values())
         usable = a.memory_bytes * (1 - reserve)
         return {"accelerator": a.name, "memory_bytes": a.memory_bytes, "usable_bytes": int(usable),
-                "fits": total_bytes <= usable, "fraction_of_memory": total_bytes / a.memory_bytes}
+                "bytes_per_device": needed, "fits": needed <= usable, "fraction_of_memory": needed / a.memory_bytes}
 
     flops = step_flops_per_device(cfg, batch, seq, devices)
     return {
@@ -503,7 +508,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None) -> str:
+def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None, brief: bool = False) -> str:
     m = plan["model"]
     mesh = ",".join(f"{a}={s}" for a, s in plan["mesh"].items())
     out = [
@@ -518,7 +523,8 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None)
     # Parameters grouped by name (stacked blocks are one row each).
     prow = [[p["path"].replace("params/", ""), "x".join(map(str, p["shape"])), p["dtype"], p["spec"],
              _gib(p["device_bytes"])] for p in plan["parameters"]]
-    out += [_table(prow, ["parameter", "shape", "dtype", "sharding", "per device"]), ""]
+    if not brief:
+        out += [_table(prow, ["parameter", "shape", "dtype", "sharding", "per device"]), ""]
     p = plan["bytes_per_device"]
     acts = plan["activations"]
     what = {
@@ -543,15 +549,18 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None)
             out.append(f"(XLA:CPU computes {m['dtype']} in float32, so its transient figure runs high here)")
         out.append("")
     out += [_table(rows, ["memory per device", "bytes"]), ""]
-    srows = [[name, v["what"], _gib(v["bytes"])] for name, v in acts["saved_tensors"].items()]
-    out += [f"kept per block for the backward pass (remat={m['remat_policy']}):",
-            _table(srows, ["tensor", "what", "per device"]), ""]
+    if not brief:
+        srows = [[name, v["what"], _gib(v["bytes"])] for name, v in acts["saved_tensors"].items()]
+        out += [f"kept per block for the backward pass (remat={m['remat_policy']}):",
+                _table(srows, ["tensor", "what", "per device"]), ""]
     fits = []
-    for f in plan["all_accelerators"]:
+    chosen = plan["accelerator"]
+    for f in ([chosen] if brief and chosen else plan["all_accelerators"]):
         a = accelerators.ACCELERATORS[f["accelerator"]]
         mark = "<-" if plan["accelerator"] and plan["accelerator"]["accelerator"] == a.name else ""
         fits.append([a.name, a.memory_label, f"{100 * f['fraction_of_memory']:.0f}%", "yes" if f["fits"] else "NO", mark])
-    out += [f"fits (estimate <= {100 * (1 - plan['reserve_fraction']):.0f}% of memory):",
+    out += [f"fits (estimate <= {100 * (1 - plan['reserve_fraction']):.0f}% of memory; each chip with the attention "
+            f"kernel it runs):",
             _table(fits, ["accelerator", "memory", "used", "fits", ""])]
     if plan["ideal_step_seconds"]:
         out += ["", f"step time at 100% of peak bf16 FLOP/s: {plan['ideal_step_seconds']['at_peak_bf16']:.3f} s "
@@ -581,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="also compile the real train step on local (fake CPU) devices and print XLA's memory analysis")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--brief", action="store_true", help="leave out the per-parameter and per-tensor tables")
     return p
 
 
@@ -627,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json:
         print(json.dumps({"preset": args.preset, **plan}))
     else:
-        print(render(plan, args.preset, xla))
+        print(render(plan, args.preset, xla, brief=args.brief))
 
 
 if __name__ == "__main__":

@@ -14,11 +14,16 @@ logical-axis metadata and the rules table (`MeshConfig.rules`). The estimate per
 - gathered weights: under FSDP each block's weights (and, in the backward pass, their
   gradients) exist unsharded over `fsdp` for a moment; the largest such set is counted;
 - activations: an analytic count of what the backward pass keeps per block under the
-  remat policy (see `SAVED_BY_POLICY`), times the number of blocks, plus one block's full
-  set while it is recomputed, plus the float32 logits and their gradient.
+  remat policy (`SAVED_BY_POLICY`, checked against JAX's own residuals in the tests),
+  times the number of blocks, plus the larger half (attention or SwiGLU) of one block's
+  rebuilt tensors while it is recomputed, plus the float32 logits and their gradient.
+
+"Fits" means the estimate is at most (1 - --reserve) of the chip's memory; the reserve
+stands for what is not modelled (runtime buffers, fragmentation, XLA's own choices).
 
 `--compile` also lowers and compiles the real train step for the same config on this
-machine's (fake CPU) devices and prints XLA's `memory_analysis()` beside the estimate.
+machine's (fake CPU) devices and prints XLA's `memory_analysis()` beside the estimate;
+scale a big preset down with `--set num_layers=2` (and a shorter `--seq`) for that.
 """
 
 from __future__ import annotations

@@ -176,11 +176,17 @@ def test_cli_table_names_every_part(capsys):
         (["--preset", "tiny", "--batch", "8", "--set", "num_layer=3"], "num_layer"),
     ],
 )
-def test_cli_errors_are_one_clear_line(argv, message):
-    r = subprocess.run([sys.executable, "-m", "eval.plan", *argv], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
+def test_cli_rejects_bad_requests_with_a_config_error(argv, message):
+    with pytest.raises(configlib.ConfigError, match=message):
+        plan.main(argv)
+
+
+def test_cli_error_is_one_line_and_exit_status_2():
+    r = subprocess.run([sys.executable, "-m", "eval.plan", "--preset", "tiny", "--mesh", "data=2,fsdp=2",
+                        "--batch", "6"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("config error:") and "does not split" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_mesh_sizes_fill_minus_one_and_multiply_slices():

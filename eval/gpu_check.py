@@ -118,7 +118,8 @@ def check_train(cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: i
     step_s = float(np.median(times))
     tokens_per_s = batch * seq / step_s
     model_flops_per_s = flops_per_token(cfg, seq) * tokens_per_s
-    matmul = dense_matmul_flops(4096 if acc else 512, 10, dtype=jax.numpy.bfloat16)
+    # Big enough that the timing overhead is small against the matmul on an accelerator.
+    matmul = dense_matmul_flops(8192 if acc else 512, 10, dtype=jax.numpy.bfloat16)
     plan_total = estimate["total_bytes_per_device"]
     return {
         "params": count_params(cfg),
@@ -241,6 +242,8 @@ def check_decode(cfg: ModelConfig, *, batches: Sequence[int], steps: int, cache_
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
+    """What is run: the training preset and its step, the decoding preset and its loop."""
+
     train_preset: str
     train_overrides: tuple[str, ...]
     train_batch: int
@@ -356,15 +359,21 @@ def _with_fallback(fn, cfg: ModelConfig, part: str, result: dict[str, Any]) -> d
             raise
         result.setdefault("attention_fallbacks", {})[part] = f"cudnn: {type(e).__name__}: {str(e)[:500]}"
         log(f"{part}: cuDNN attention failed ({type(e).__name__}); again with attention_impl=xla")
-        return fn(dataclasses.replace(cfg, attention_impl="xla"))
+    # Outside the except block, so the failed attempt's buffers (held by the traceback) are freed first.
+    return fn(dataclasses.replace(cfg, attention_impl="xla"))
+
+
+def cli() -> None:
+    """Entry point: exit status 1 if a part failed (its error is in the JSON), 2 for a bad request."""
+    status = 0
+
+    def go():
+        nonlocal status
+        status = main()
+
+    configlib.main_guard(go)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":
-    code = 0
-
-    def _run():
-        global code
-        code = main()
-
-    configlib.main_guard(_run)
-    raise SystemExit(code)
+    cli()

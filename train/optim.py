@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-
-import jax
-import optax
-from flax import nnx
+from typing import TYPE_CHECKING
 
 from chameleon_jax.configlib import param
+
+if TYPE_CHECKING:  # jax is imported on first use, so configs can be read before XLA flags are set
+    import optax
 
 # Parameters whose path contains one of these names are never weight-decayed.
 NO_DECAY_NAMES = ("norm", "bias", "scale")
@@ -30,8 +30,10 @@ class OptimConfig:
     grad_accum: int = param(1, "microbatches per step (gradients summed over a scan, one update per step)")
 
 
-def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+def make_schedule(cfg: OptimConfig, total_steps: int) -> "optax.Schedule":
     """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio`."""
+    import optax
+
     warmup = max(int(cfg.warmup_steps), 0)
     decay = cfg.decay_steps if cfg.decay_steps > 0 else max(total_steps - warmup, 1)
     return optax.warmup_cosine_decay_schedule(
@@ -45,6 +47,7 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params):
     """True for parameters that take weight decay: matrices outside norms; not biases or scales."""
+    import jax
 
     def decays(path, leaf) -> bool:
         names = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path).lower()
@@ -53,8 +56,10 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> "optax.GradientTransformation":
     """clip_by_global_norm -> AdamW(schedule, masked weight decay)."""
+    import optax
+
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))
@@ -71,7 +76,9 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     return optax.chain(*parts)
 
 
-def describe_decay(params: nnx.State) -> dict[str, bool]:
+def describe_decay(params) -> dict[str, bool]:
     """`{path: takes_decay}` for every parameter (for logs and tests)."""
+    import jax
+
     mask = decay_mask(params)
     return {jax.tree_util.keystr(p): bool(v) for p, v in jax.tree_util.tree_leaves_with_path(mask)}

@@ -303,8 +303,8 @@ class JsonlSource:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
             self._perm_epoch = epoch
         doc = self.docs[int(self._perm[i])]
-        if "line" not in doc.meta and "id" not in doc.meta:
-            doc = dataclasses.replace(doc, meta={**doc.meta, "source": str(self.path), "line": int(self._perm[i]) + 1})
+        if "id" not in doc.meta:  # error messages name the file and the document's number in it
+            doc = dataclasses.replace(doc, meta={**doc.meta, "source": str(self.path), "document": int(self._perm[i]) + 1})
         return doc
 
     def images(self) -> list[np.ndarray]:

@@ -83,7 +83,8 @@ class EncodedDocument:
 def document_name(doc, index: int | None = None) -> str:
     """A human-readable name for error messages: meta id/name/source, task, stream index."""
     meta = getattr(doc, "meta", None) or {}
-    parts = [str(meta[k]) for k in ("id", "name", "source", "path", "line") if k in meta]
+    parts = [str(meta[k]) for k in ("id", "name") if k in meta]
+    parts += [f"{k}={meta[k]}" for k in ("source", "path", "document", "line") if k in meta]
     task = getattr(doc, "task", None)
     if task:
         parts.insert(0, f"task={task}")

@@ -15,7 +15,7 @@ from train.metrics import read_metrics
 def small_run(run_dir, cache_dir, *overrides):
     """A few-second LM run: tiny model, 4 rows of 128 tokens, no validation split."""
     return configlib.apply_overrides(tiny(), [
-        f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "batch_size=4", "data.sequence.seq_len=128",
+        f"run_dir={run_dir}", f"data.cache_dir={cache_dir}", "batch_size=8", "data.sequence.seq_len=128",
         "log_interval=1", "checkpoint_interval=2", "data.eval_split=", "peak_flops=1e12", "progress=false",
         "optim.warmup_steps=1", "optim.decay_steps=4", "data.train_examples=64", "data.interleaved_docs=16",
         "data.vocab_corpus_docs=200", *overrides,

@@ -202,14 +202,20 @@ def export_model(run_dir: Path, trainer, state, cfg: LMTrainConfig, data) -> Pat
 def run(cfg: LMTrainConfig) -> Path:
     """Trains (or resumes, or reuses) the run in `cfg.run_dir`; returns the run directory."""
     run_dir = Path(cfg.run_dir).absolute()
-    if cfg.overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if is_finished(run_dir, cfg):
-        log.info("run %s already finished %d steps: reusing it (overwrite=true retrains)", run_dir, cfg.steps)
-        return run_dir
     maybe_initialize_distributed(cfg)
 
     import jax
+
+    if cfg.overwrite and run_dir.exists():
+        if jax.process_index() == 0:
+            shutil.rmtree(run_dir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("train.lm overwrite")
+    if is_finished(run_dir, cfg):
+        log.info("run %s already finished %d steps: reusing it (overwrite=true retrains)", run_dir, cfg.steps)
+        return run_dir
 
     if cfg.compilation_cache_dir:
         # Only effective before this process's first compilation.

@@ -34,10 +34,13 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     ckpt = Checkpointer(resumed_dir / "checkpoints")
     assert ckpt.latest_step() == 2
     ckpt.close()
+    with open(resumed_dir / "metrics.jsonl", "a") as f:  # as if a crashed run had logged past its checkpoint
+        f.write(json.dumps({"step": 3, "loss": 99.0}) + "\n")
     run(small_run(resumed_dir, cache, "steps=4"))  # a fresh Trainer and iterator, restored from disk
 
     a, b = _losses(straight), _losses(resumed_dir)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(resumed_dir) if "loss" in r] == [1, 2, 3, 4]
     np.testing.assert_array_equal([a[s] for s in range(1, 5)], [b[s] for s in range(1, 5)])
 
     # The finished run exported a loadable model directory with its vocabulary.

@@ -140,8 +140,17 @@ def _gather_data_state(state: dict[str, int]) -> list[dict[str, int]]:
     return [{"doc": int(d), "piece": int(p)} for d, p in np.asarray(rows).reshape(-1, 2)]
 
 
-def _finite(x) -> bool:
-    return bool(np.all(np.isfinite(np.asarray(x))))
+def _drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Forgets metric rows of steps after `step` (logged by an interrupted run, about to be redone)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _host(tree) -> dict[str, float]:
@@ -253,6 +262,8 @@ def run(cfg: LMTrainConfig) -> Path:
                 f"checkpoint {start} in {run_dir} was written by {len(states)} processes, this run has {pcount}"
             )
         it.restore(states[pidx])
+        if primary:
+            _drop_metrics_after(run_dir, start)
         log.info("resumed from step %d", start)
     else:
         state = trainer.init_state()

@@ -140,7 +140,8 @@ def bench(cfg: BenchTrainConfig) -> dict[str, float]:
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float((cost or {}).get("flops", float("nan")))
+    # The cost analysis describes one device's SPMD program; every device runs one.
+    xla_flops = float((cost or {}).get("flops", float("nan"))) * jax.device_count()
 
     state = trainer.init_state()
     for _ in range(cfg.warmup_steps + 1):

@@ -50,6 +50,7 @@ class DecodeSpec:
     form: str  # guidance form: none | two | three
     use_top_k: bool
     use_top_p: bool
+    use_sampling: bool  # False when both modalities are greedy: no random draws at all
     return_logits: bool
 
 
@@ -150,8 +151,11 @@ def _choose(logits_rv, row_state, step, key, params, tables, spec, batch):
         sampling.mask_logits(logits_bv, allowed_bv), temperature_b, top_k_b, top_p_b,
         use_top_k=spec.use_top_k, use_top_p=spec.use_top_p,
     )
-    row_ids_b = jnp.arange(batch, dtype=jnp.int32)
-    token_b = sampling.choose_tokens(jax.random.fold_in(key, step), row_ids_b, filtered_bv, temperature_b)
+    if spec.use_sampling:
+        row_ids_b = jnp.arange(batch, dtype=jnp.int32)
+        token_b = sampling.choose_tokens(jax.random.fold_in(key, step), row_ids_b, filtered_bv, temperature_b)
+    else:
+        token_b = jnp.argmax(filtered_bv, axis=-1).astype(jnp.int32)
     forced_b = modes.forced_tokens(row_state, tables, step, modality=spec.modality)
     token_b = jnp.where(forced_b >= 0, forced_b, token_b)
     new_state = modes.advance(row_state, token_b, tables, step, limit=spec.limit, **mode_kw)
@@ -189,10 +193,15 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
     base_len_r = mask_rp.sum(axis=1).astype(jnp.int32)
     positions_rp = jnp.maximum(jnp.cumsum(mask_rp, axis=1, dtype=jnp.int32) - 1, 0)
     cache = nnx.merge(graphdef, model_state).init_cache(rows, cache_len)
-    logits_rpv, cache = run_model(tokens_rp, positions_rp, cache, jnp.int32(0), base_mask_rs)
+    # Prefill in two calls: the logits of all but the last prompt position are dead code that
+    # XLA removes, so the output projection runs on one position per row, not P.
+    if padded > 1:
+        _, cache = run_model(tokens_rp[:, :-1], positions_rp[:, :-1], cache, jnp.int32(0), base_mask_rs)
+    logits_r1v, cache = run_model(tokens_rp[:, -1:], positions_rp[:, -1:], cache, jnp.int32(padded - 1),
+                                  base_mask_rs)
 
     row_state = modes.init_state(batch)
-    token_b, row_state, logits_bv = _choose(logits_rpv[:, -1], row_state, jnp.int32(0), key, params, tables,
+    token_b, row_state, logits_bv = _choose(logits_r1v[:, 0], row_state, jnp.int32(0), key, params, tables,
                                             spec, batch)
     out_bn = jnp.full([batch, limit], tables.pad_id, jnp.int32).at[:, 0].set(token_b)
     vocab = logits_bv.shape[-1]
@@ -271,7 +280,7 @@ def generate_tokens(
     spec = DecodeSpec(
         limit=limit, codes_per_image=int(codes_per_image), modality=modality, form=guidance.form,
         use_top_k=text.uses_top_k or image.uses_top_k, use_top_p=text.uses_top_p or image.uses_top_p,
-        return_logits=return_logits,
+        use_sampling=text.temperature > 0 or image.temperature > 0, return_logits=return_logits,
     )
     f32, i32 = (lambda x: jnp.asarray(x, jnp.float32)), (lambda x: jnp.asarray(x, jnp.int32))
     params = DecodeParams(

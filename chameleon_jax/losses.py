@@ -19,10 +19,17 @@ SUM_KEYS = ("loss_sum", "ce_sum", "z_sum", "weight_sum", "text_ce_sum", "text_we
 
 def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-token cross entropy and log-partition, both float32 [B, T]."""
+    ce_bt, log_z_bt, _ = _cross_entropy_parts(logits_btv, targets_bt)
+    return ce_bt, log_z_bt
+
+
+def _cross_entropy_parts(logits_btv, targets_bt):
     logits_btv = logits_btv.astype(jnp.float32)
     log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return log_z_bt - target_logit_bt, log_z_bt
+    # "The target has the top logit" without an argmax pass (argmax is slow on CPU); ties count as correct.
+    correct_bt = (target_logit_bt >= jnp.max(logits_btv, axis=-1)).astype(jnp.float32)
+    return log_z_bt - target_logit_bt, log_z_bt, correct_bt
 
 
 def lm_loss_sums(
@@ -38,12 +45,11 @@ def lm_loss_sums(
     the training loss. text/image sums split the (unweighted-by-z) cross entropy by
     the target's modality, for reporting.
     """
-    ce_bt, log_z_bt = token_cross_entropy(logits_btv, targets_bt)
+    ce_bt, log_z_bt, correct_bt = _cross_entropy_parts(logits_btv, targets_bt)
     w_bt = weights_bt.astype(jnp.float32)
     z_bt = z_loss * jnp.square(log_z_bt)
     text_w = w_bt * (modality_bt == TEXT)
     image_w = w_bt * (modality_bt == IMAGE)
-    correct_bt = (jnp.argmax(logits_btv, axis=-1) == targets_bt).astype(jnp.float32)
     return {
         "loss_sum": jnp.sum(w_bt * (ce_bt + z_bt)),
         "ce_sum": jnp.sum(w_bt * ce_bt),

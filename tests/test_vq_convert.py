@@ -1,0 +1,133 @@
+"""Importing VQGAN weights: taming-layout round trips and parity with Hugging Face's ChameleonVQVAE."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from vqvae import VQ_PRESETS, Tokenizer, VQModel, load_tokenizer
+from vqvae.convert import (
+    ConversionError,
+    convert_hf,
+    convert_taming,
+    infer_taming_config,
+    main,
+    read_safetensors,
+    to_taming_state_dict,
+)
+
+# Level attention at 8 px and the middle attention: every kind of block is named and converted.
+CFG = dataclasses.replace(VQ_PRESETS["tiny"](), attn_resolutions=(8,))
+
+
+def _images(n, size, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def source():
+    model = VQModel(CFG, rngs=nnx.Rngs(7))
+    # A codebook spread like the latents, so the codes of random pictures are varied.
+    x = _images(8, 16, seed=1) / 127.5 - 1
+    z = np.asarray(model.latents(x)).reshape(-1, CFG.embed_dim)
+    model.quantize.codebook[...] = z[np.random.default_rng(2).choice(len(z), CFG.codebook_size, replace=False)]
+    return model
+
+
+def _save_safetensors(sd, path):
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
+
+
+def test_taming_round_trip_gives_the_same_codes_and_pictures(source, tmp_path):
+    sd = to_taming_state_dict(source)
+    assert sd["encoder.conv_in.weight"].shape == (8, 3, 3, 3)  # torch OIHW
+    assert "encoder.down.1.attn.0.q.weight" in sd and "decoder.up.1.upsample.conv.weight" in sd
+    assert sd["quantize.embedding.weight"].shape == (64, 8)
+    sd["loss.discriminator.main.0.weight"] = np.zeros((4, 3, 4, 4), np.float32)  # not part of the tokenizer
+    _save_safetensors(sd, tmp_path / "vq.safetensors")
+    # Taming fixes GroupNorm at 32 groups; this tiny model has fewer channels, so the test says 4.
+    assert dataclasses.replace(infer_taming_config(sd, image_size=16), norm_groups=4) == CFG
+    out = convert_taming(tmp_path / "vq.safetensors", tmp_path / "tok", ["image_size=16", "norm_groups=4"])
+    tok, ref = load_tokenizer(out), Tokenizer(source)
+    x = _images(4, 16, seed=3)
+    codes = ref.encode(x)
+    assert len(np.unique(np.asarray(codes))) > 4
+    np.testing.assert_array_equal(tok.encode(x), codes)
+    np.testing.assert_array_equal(tok.decode(codes), ref.decode(codes))
+    assert tok.meta["source"] == "taming:vq.safetensors"
+
+
+def test_taming_torch_checkpoint(source, tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in to_taming_state_dict(source).items()}
+    torch.save({"state_dict": sd, "global_step": 10}, tmp_path / "last.ckpt")
+    main(["taming", str(tmp_path / "last.ckpt"), str(tmp_path / "tok"), "image_size=16", "norm_groups=4"])
+    x = _images(2, 16, seed=4)
+    np.testing.assert_array_equal(load_tokenizer(tmp_path / "tok").encode(x), Tokenizer(source).encode(x))
+
+
+def test_missing_or_misshapen_tensor_is_named(source, tmp_path):
+    sd = to_taming_state_dict(source)
+    del sd["decoder.mid.attn_1.k.bias"]
+    sd["encoder.down.0.block.0.conv2.weight"] = np.zeros((8, 8, 1, 1), np.float32)
+    _save_safetensors(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(ConversionError) as e:
+        convert_taming(tmp_path / "bad.safetensors", tmp_path / "tok", ["image_size=16", "norm_groups=4"])
+    assert "missing tensor decoder.mid.attn_1.k.bias" in str(e.value)
+    assert "encoder.down.0.block.0.conv2.weight: expected (8, 8, 3, 3), got (8, 8, 1, 1)" in str(e.value)
+    with pytest.raises(ConversionError, match="missing tensor quant_conv.weight"):
+        infer_taming_config({k: v for k, v in sd.items() if not k.startswith("quant_conv")})
+
+
+def test_safetensors_reader_handles_bfloat16(tmp_path):
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3) / 4
+    save_file({"a": a.astype(ml_dtypes.bfloat16), "b": a}, str(tmp_path / "x.safetensors"))
+    got = read_safetensors(tmp_path / "x.safetensors")
+    np.testing.assert_array_equal(got["a"], a)
+    assert got["a"].dtype == np.float32
+    assert set(read_safetensors(tmp_path / "x.safetensors", keep=lambda n: n == "b")) == {"b"}
+
+
+@pytest.mark.hf
+def test_hugging_face_chameleon_vqvae_gives_the_same_codes(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
+
+    torch.manual_seed(0)
+    hf_cfg = ChameleonVQVAEConfig(
+        embed_dim=16, num_embeddings=64, latent_channels=32, resolution=32, base_channels=32,
+        channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[16],
+    )
+    hf = ChameleonVQVAE(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():  # non-trivial norms and biases too
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.normal_(0, 0.05)
+    x = _images(4, 32, seed=5)
+    pixels = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = hf.quant_conv(hf.encoder(pixels)).permute(0, 2, 3, 1).reshape(-1, 16)
+        pick = torch.from_numpy(np.random.default_rng(6).choice(len(latents), 64, replace=False))
+        hf.quantize.embedding.weight.copy_(latents[pick] + 1e-3 * torch.randn(64, 16))
+        hf_codes = hf.encode(pixels).image_tokens.reshape(4, 16, 16).numpy()
+    hf.save_pretrained(tmp_path / "hf")
+
+    out = convert_hf(tmp_path / "hf", tmp_path / "tok")
+    tok = load_tokenizer(out)
+    assert tok.grid == (16, 16) and tok.codebook_size == 64 and not tok.can_decode
+    assert tok.config.attn_resolutions == (16,) and tok.config.mid_attention
+    ours = np.asarray(tok.model.latents(x / 127.5 - 1)).reshape(-1, 16)
+    np.testing.assert_allclose(ours, latents.numpy(), rtol=1e-4, atol=1e-4)
+    assert len(np.unique(hf_codes)) > 8
+    np.testing.assert_array_equal(np.asarray(tok.encode(x)), hf_codes)
+    with pytest.raises(ValueError, match="no decoder"):
+        tok.decode(tok.encode(x))

@@ -1,0 +1,493 @@
+"""Train an image tokenizer (VQGAN / l2-EMA VQ / FSQ).
+
+    python -m train.vqvae                                   # preset=shapes, run_dir=runs/vq
+    python -m train.vqvae preset=tiny run_dir=/tmp/vq steps=50
+    python -m train.vqvae model.quantizer=fsq model.codebook_size=1000 overwrite=true
+    python -m train.vqvae --help                            # every field with its description
+
+or from Python: `train.vqvae.run(cfg) -> run_dir`. A run directory holds
+
+    config.json          the resolved VQTrainConfig
+    checkpoints/<step>/  orbax: params, EMA codebook state, optimizer state, step + the data position
+    metrics.jsonl, tb/   loss, recon, codebook, commit, usage, perplexity, lr, images/s
+    samples/             reconstruction previews (originals above reconstructions), PNG
+    metrics.json         headline figures; vq_loss.png the loss curves
+    tokenizer/           the exported tokenizer (vqvae.load_tokenizer)
+
+Rerunning resumes from the latest checkpoint (model, optimizer, EMA state and data
+position: the next loss is the one an uninterrupted run would have had). A run whose
+tokenizer was exported at `steps` or later is reused unless overwrite=true; asking
+for more steps than it has continues it. A NaN or infinite loss stops the run with
+an error; nothing is saved after the last good checkpoint.
+
+Data parallel over every device: the batch is sharded over a 1-D ('data',) mesh,
+parameters and optimizer state are replicated, the step is jitted with donation.
+
+Why the `shapes` preset looks the way it does: Shapes pictures are flat colours on
+one background, ~86% of 8x8 patches are pure background and a test split holds
+only ~2k distinct patches. A 512-code codebook of 8-dim unit vectors with EMA
+updates keeps nearly every code in use (dead codes are restarted from batch
+vectors), which an 8192-code plain VQ cannot on so few patch types; and the
+small channel widths keep a step cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from chameleon_jax import configlib
+from chameleon_jax.configlib import ConfigError, param
+from train.optim import OptimConfig
+from vqvae.config import VQ_PRESETS, VQConfig
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VQDataConfig:
+    """Where training pictures come from."""
+
+    source: Literal["shapes", "synthetic", "folder"] = param(
+        "shapes",
+        "shapes: the Shapes data set; synthetic: random flat rectangles and discs drawn on the fly "
+        "(tests, no data needed); folder: every PNG/JPEG under data_dir, centre-cropped and resized",
+    )
+    train_split: str = param("train", "Shapes split to train on")
+    preview_split: str = param("validation", "Shapes split whose first pictures are shown in samples/")
+    num_examples: int = param(0, "use only the first N training pictures (0 = all)")
+    data_dir: str = param("", "Shapes data directory (empty = default) or the image folder for source=folder")
+    shuffle_seed: int = param(0, "seed of the per-epoch shuffle")
+
+
+@dataclasses.dataclass(frozen=True)
+class VQTrainConfig:
+    """Tokenizer training: model, data, optimizer, loss weights, logging and checkpoints."""
+
+    model: VQConfig = param(VQConfig(), "the tokenizer (vqvae.config.VQConfig)")
+    data: VQDataConfig = param(VQDataConfig(), "training data")
+    optim: OptimConfig = param(
+        OptimConfig(lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0),
+        "optimizer: AdamW (= Adam at weight_decay 0) with warmup + cosine decay and clipping",
+    )
+    run_dir: str = param("runs/vq", "run directory (config, checkpoints, metrics, samples, tokenizer/)")
+    overwrite: bool = param(False, "start afresh even if run_dir holds a run or a finished tokenizer")
+    steps: int = param(2000, "training steps")
+    batch_size: int = param(32, "global batch (pictures per step), divisible by the device count")
+    recon_loss: Literal["l1", "l2"] = param("l2", "pixel reconstruction loss on the [-1, 1] scale")
+    codebook_weight: float = param(1.0, "weight of the codebook loss (plain vq only; l2_ema and fsq learn no codebook by gradient)")
+    extra_loss: str = param("", "name of a loss registered with vqvae.losses.register_extra_loss (perceptual, ...)")
+    extra_loss_weight: float = param(0.0, "weight of extra_loss")
+    seed: int = param(0, "parameter init and per-step randomness (dead-code restarts)")
+    log_every: int = param(20, "steps between metric rows")
+    sample_every: int = param(500, "steps between reconstruction previews in samples/ (0 = only at the end)")
+    checkpoint_every: int = param(500, "steps between checkpoints (the last step is always saved)")
+    keep_checkpoints: int = param(2, "checkpoints kept on disk")
+    progress: bool = param(True, "show a tqdm progress bar")
+    tensorboard: bool = param(True, "also write TensorBoard events (run_dir/tb/)")
+
+
+def _tiny() -> VQTrainConfig:
+    return VQTrainConfig(
+        model=VQ_PRESETS["tiny"](),
+        data=VQDataConfig(source="synthetic", num_examples=256),
+        optim=dataclasses.replace(VQTrainConfig().optim, lr=3e-3, warmup_steps=5),
+        steps=30, batch_size=16, log_every=1, sample_every=0, checkpoint_every=1000, progress=False,
+    )
+
+
+def _shapes() -> VQTrainConfig:
+    return VQTrainConfig(
+        model=VQ_PRESETS["shapes"](),
+        data=VQDataConfig(source="shapes"),
+        optim=dataclasses.replace(VQTrainConfig().optim, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05),
+        steps=600, batch_size=32, recon_loss="l2", log_every=10, sample_every=200, checkpoint_every=200,
+    )
+
+
+def _chameleon() -> VQTrainConfig:
+    return VQTrainConfig(
+        model=VQ_PRESETS["chameleon"](),
+        data=VQDataConfig(source="folder"),
+        optim=dataclasses.replace(VQTrainConfig().optim, lr=1e-4, warmup_steps=1000),
+        steps=100_000, batch_size=32, recon_loss="l1", log_every=50, sample_every=2000, checkpoint_every=2000,
+    )
+
+
+PRESETS = {"tiny": _tiny, "shapes": _shapes, "chameleon": _chameleon}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n pictures uint8 [n, size, size, 3]: a plain background with 1-2 flat rectangles or discs."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:size, 0:size]
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        out[i] = rng.integers(0, 256, 3)
+        for _ in range(rng.integers(1, 3)):
+            cy, cx = rng.uniform(0, size, 2)
+            r = rng.uniform(size / 8, size / 3)
+            if rng.random() < 0.5:
+                mask = (np.abs(ys - cy) < r) & (np.abs(xs - cx) < r)
+            else:
+                mask = (ys - cy) ** 2 + (xs - cx) ** 2 < r * r
+            out[i][mask] = rng.integers(0, 256, 3)
+    return out
+
+
+def _folder_images(directory: str, size: int, limit: int) -> np.ndarray:
+    from PIL import Image
+
+    if not directory:
+        raise ConfigError("data.source=folder needs data.data_dir (a folder of PNG/JPEG pictures)")
+    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if limit:
+        files = files[:limit]
+    if not files:
+        raise FileNotFoundError(f"no PNG/JPEG pictures under {directory}")
+    out = np.empty((len(files), size, size, 3), np.uint8)
+    for i, f in enumerate(files):
+        img = Image.open(f).convert("RGB")
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        out[i] = np.asarray(img.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS))
+    return out
+
+
+def load_images(data: VQDataConfig, split: str, image_size: int, limit: int = 0) -> np.ndarray:
+    """uint8 [N, S, S, 3] for `split` of the configured source."""
+    if data.source == "synthetic":
+        n = limit or data.num_examples or 1024
+        return synthetic_images(n, image_size, seed=hash(split) % 2**16 if split != "train" else 0)
+    if data.source == "folder":
+        return _folder_images(data.data_dir, image_size, limit or data.num_examples)
+    from chameleon_jax.data import shapes
+
+    images = shapes.load_images(split, image_size=image_size, data_dir=data.data_dir or None)
+    return images[:limit] if limit else images
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+_RUN_OUTPUTS = (
+    "checkpoints", "tokenizer", "tokenizer.tmp", "samples", "tb", "metrics.jsonl", "metrics.json",
+    "config.json", "vq_loss.png", "eval_vq.json", "eval_vq.png",
+)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Removes what a training run writes (and nothing else) from `run_dir`."""
+    for name in _RUN_OUTPUTS:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _saved_config(run_dir: Path) -> VQTrainConfig | None:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        return configlib.load(VQTrainConfig, path)
+    except ConfigError:
+        return None
+
+
+def is_finished(run_dir: Path, cfg: VQTrainConfig) -> bool:
+    """True when run_dir/tokenizer holds a tokenizer of this model config trained for >= cfg.steps."""
+    from vqvae.tokenizer import is_tokenizer_dir, read_meta
+
+    tok = run_dir / "tokenizer"
+    if not is_tokenizer_dir(tok):
+        return False
+    saved = configlib.load(VQConfig, tok / "config.json")
+    return saved == cfg.model and int(read_meta(tok).get("step", -1)) >= cfg.steps
+
+
+def _check_compatible(run_dir: Path, cfg: VQTrainConfig) -> None:
+    saved = _saved_config(run_dir)
+    has_run = (run_dir / "checkpoints").exists() or (run_dir / "tokenizer").exists()
+    if has_run and saved is not None and saved.model != cfg.model:
+        diff = [
+            f"{f.name}: {getattr(saved.model, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
+            for f in dataclasses.fields(VQConfig)
+            if getattr(saved.model, f.name) != getattr(cfg.model, f.name)
+        ]
+        raise ConfigError(
+            f"{run_dir} holds a run of a different model ({'; '.join(diff)}); "
+            "pass overwrite=true to replace it or choose another run_dir"
+        )
+
+
+def _truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drops metric rows logged after the checkpoint a run resumes from."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
+    if len(kept) != len(rows):
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _log(msg: str) -> None:
+    print(f"[train.vqvae] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
+    """Trains (or resumes, or reuses) the tokenizer of `cfg`; returns the run directory.
+
+    extra_loss: optional `fn(images, reconstructions) -> scalar` (float, [-1, 1]) added
+    with weight cfg.extra_loss_weight; overrides the registered cfg.extra_loss.
+    """
+    import grain
+    import jax
+    from flax import nnx
+    from tqdm import tqdm
+
+    from train.checkpointing import Checkpointer
+    from train.metrics import MetricsWriter, plot_curves, update_headline
+    from vqvae import losses, viz
+    from vqvae.config import validate
+    from vqvae.tokenizer import save_tokenizer
+
+    validate(cfg.model)
+    run_dir = Path(cfg.run_dir)
+    if cfg.overwrite:
+        clear_run(run_dir)
+    if is_finished(run_dir, cfg):
+        _log(f"reusing the finished tokenizer in {run_dir / 'tokenizer'} (overwrite=true to retrain)")
+        return run_dir
+    _check_compatible(run_dir, cfg)
+    if cfg.steps < 1:
+        raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
+    n_dev = jax.device_count()
+    if cfg.batch_size % n_dev:
+        raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
+    if cfg.model.quantizer == "vq" and cfg.codebook_weight <= 0:
+        _log("warning: codebook_weight <= 0 leaves the plain vq codebook untrained")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configlib.save(cfg, run_dir / "config.json")
+    extra_fn = extra_loss or (losses.get_extra_loss(cfg.extra_loss) if cfg.extra_loss else None)
+
+    # ---- data: every host reads its rows of the same shuffled global batches.
+    t0 = time.perf_counter()
+    size = cfg.model.image_size
+    images = load_images(cfg.data, cfg.data.train_split, size, cfg.data.num_examples)
+    preview = load_images(cfg.data, cfg.data.preview_split, size, limit=16)
+    if len(images) < cfg.batch_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(images)} training pictures")
+    _log(f"{len(images)} training pictures {images.shape[1:]} loaded in {time.perf_counter() - t0:.1f}s")
+    n_proc, proc = jax.process_count(), jax.process_index()
+    rows = cfg.batch_size // n_proc
+    dataset = (
+        grain.MapDataset.source(images)
+        .shuffle(seed=cfg.data.shuffle_seed)
+        .repeat()
+        .batch(cfg.batch_size, drop_remainder=True)
+        .map(lambda b: b[proc * rows : (proc + 1) * rows])
+    )
+    data_iter = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+
+    # ---- model, optimizer and their shardings: a 1-D data mesh, everything but the batch replicated.
+    # The schedule's length is cfg.steps unless optim.decay_steps fixes it (then runs of any length share programs).
+    schedule_steps = cfg.steps if cfg.optim.decay_steps <= 0 else 0
+    progs = _programs(
+        cfg.model, cfg.optim, schedule_steps, cfg.recon_loss, cfg.codebook_weight, extra_fn, cfg.extra_loss_weight,
+        cfg.seed, tuple(jax.devices()),
+    )
+    state = progs.init()
+    schedule_lr = progs.schedule
+
+    def save_preview(step: int) -> None:
+        (run_dir / "samples").mkdir(exist_ok=True)
+        recon = np.asarray(progs.reconstruct(state["params"], state["buffers"], preview))
+        viz.save_png(viz.comparison_grid(preview, recon), run_dir / "samples" / f"recon_{step:07d}.png")
+
+    # ---- resume.
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        state, extra = ckpt.restore(abstract)
+        data_iter.set_state(extra["data"])
+        start = int(state["step"])
+        _truncate_metrics(run_dir, start)
+        _log(f"resumed from step {start}")
+    if start >= cfg.steps:
+        _log(f"checkpoint step {start} >= steps {cfg.steps}; exporting")
+
+    base_key = jax.random.key(cfg.seed)
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="vqvae", dynamic_ncols=True)
+    last_time, last_step, compile_s = time.perf_counter(), start, None
+    train_start = time.perf_counter()
+    try:
+        for step in range(start, cfg.steps):
+            batch = jax.make_array_from_process_local_data(progs.batch_sharding, next(data_iter))
+            state, metrics = progs.step(state, batch, jax.random.fold_in(base_key, step))
+            loss = float(metrics["loss"])
+            done = step + 1
+            if compile_s is None:
+                compile_s = time.perf_counter() - train_start
+                last_time, last_step = time.perf_counter(), done
+            if not math.isfinite(loss):
+                ckpt.wait()
+                raise TrainingDivergedError(
+                    f"loss became {loss} at step {done}; stopping. The last good checkpoint is step "
+                    f"{ckpt.latest_step()} in {ckpt.directory} (lower optim.lr or raise optim.clip_norm)"
+                )
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                row = {name: float(v) for name, v in metrics.items()}
+                now = time.perf_counter()
+                if done > last_step:
+                    row["images_per_s"] = (done - last_step) * cfg.batch_size / (now - last_time)
+                last_time, last_step = now, done
+                row["lr"] = float(schedule_lr(done - 1))
+                writer.write(done, row)
+                bar.set_postfix(loss=f"{loss:.4f}", recon=f"{row['recon']:.4f}", usage=f"{row['usage']:.2f}")
+            if cfg.sample_every and done % cfg.sample_every == 0:
+                save_preview(done)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                ckpt.save(done, state, {"data": data_iter.get_state()})
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+    train_s = time.perf_counter() - train_start
+
+    # ---- export.
+    save_preview(cfg.steps)
+    model = nnx.merge(progs.graphdef, jax.device_get(state["params"]), jax.device_get(state["buffers"]))
+    save_tokenizer(model, run_dir / "tokenizer", source="trained", step=cfg.steps, run_dir=str(run_dir.absolute()))
+    figures = {"vq_train_steps": cfg.steps, "vq_codes_per_image": cfg.model.codes_per_image}
+    if start < cfg.steps:
+        figures.update({"vq_train_seconds": train_s, "vq_compile_seconds": compile_s or 0.0})
+    update_headline(run_dir / "metrics.json", figures)
+    try:
+        plot_curves(run_dir, ["loss", "recon", "commit"], run_dir / "vq_loss.png", title="tokenizer training")
+    except ImportError:
+        pass
+    _log(f"tokenizer written to {run_dir / 'tokenizer'} ({train_s:.0f}s of training this session)")
+    return run_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class _Programs:
+    graphdef: Any
+    init: Any  # () -> state, created replicated
+    step: Any  # (state, images_u8 [B,S,S,3] sharded, key) -> (state, metrics); donates state
+    reconstruct: Any  # (params, buffers, images_u8) -> uint8 reconstructions
+    schedule: Any
+    batch_sharding: Any
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: str, codebook_weight: float,
+              extra_fn, extra_weight: float, seed: int, devices: tuple) -> _Programs:
+    """The jitted init / train step / preview of one configuration (cached: a process that trains the
+    same configuration again, e.g. when resuming, compiles once)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from train.optim import make_optimizer, make_schedule
+    from vqvae import losses
+    from vqvae import tokenizer as tokenizer_lib
+    from vqvae.model import VQModel, pixels_from_uint8
+
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: VQModel(model_cfg, rngs=nnx.Rngs(seed))))
+    tx = make_optimizer(optim, steps)
+    k, beta = model_cfg.codebook_size, model_cfg.beta
+
+    def init_state():
+        # RngBitGenerator keys: the jitted init compiles several times faster than with threefry.
+        model = VQModel(model_cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg")))
+        params = nnx.state(model, nnx.Param)
+        return {
+            "params": params,
+            "buffers": nnx.state(model, nnx.Not(nnx.Param)),  # EMA codebook state (empty for vq / fsq)
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+        }
+
+    def train_step(state, images_u8, key):
+        x = pixels_from_uint8(images_u8)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state["buffers"], copy=True)
+            recon, q = model(x, train=True, key=key)
+            loss, terms = losses.vq_loss(
+                x, recon, q, recon_kind=recon_kind, beta=beta, codebook_weight=codebook_weight,
+                extra=extra_fn, extra_weight=extra_weight,
+            )
+            return loss, (terms, q.codes, nnx.state(model, nnx.Not(nnx.Param)))
+
+        (_, (terms, codes, buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "params": optax.apply_updates(state["params"], updates),
+            "buffers": buffers,
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+        }
+        metrics = {**terms, **losses.code_statistics(codes, k), "grad_norm": optax.global_norm(grads)}
+        return new_state, metrics
+
+    def reconstruct(params, buffers, images_u8):
+        state = nnx.merge_state(params, buffers)
+        return tokenizer_lib._decode(graphdef, state, tokenizer_lib._encode(graphdef, state, images_u8))
+
+    return _Programs(
+        graphdef=graphdef,
+        init=jax.jit(init_state, out_shardings=replicated),
+        step=jax.jit(
+            train_step,
+            in_shardings=(replicated, batch_sharding, replicated),
+            out_shardings=(replicated, replicated),
+            donate_argnums=(0,),
+        ),
+        reconstruct=reconstruct,
+        schedule=make_schedule(optim, steps),
+        batch_sharding=batch_sharding,
+    )
+
+
+def main(argv=None) -> None:
+    def go():
+        cfg = configlib.from_cli(sys.argv[1:] if argv is None else argv, PRESETS, "shapes")
+        run(cfg)
+
+    configlib.main_guard(go)
+
+
+if __name__ == "__main__":
+    main()

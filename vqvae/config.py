@@ -1,0 +1,108 @@
+"""The image tokenizer's configuration, with presets from `tiny` (tests) to the released Chameleon shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from chameleon_jax.configlib import ConfigError, param
+
+
+@dataclasses.dataclass(frozen=True)
+class VQConfig:
+    """A taming/Chameleon VQGAN: encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder.
+
+    The defaults are the released Chameleon tokenizer (512 px, 32x32 = 1024 codes of 8192).
+    """
+
+    image_size: int = param(512, "side of the square RGB input in pixels")
+    base_channels: int = param(128, "channels of the first level (taming `ch`)")
+    channel_mult: tuple[int, ...] = param((1, 1, 2, 2, 4), "channel multiplier per level; len-1 downsamplings by 2")
+    num_res_blocks: int = param(2, "res blocks per encoder level (the decoder has one more)")
+    attn_resolutions: tuple[int, ...] = param((), "feature-map sides at which levels add an attention block after each res block")
+    mid_attention: bool = param(True, "single-head attention in the middle blocks (taming 'vanilla')")
+    norm_groups: int = param(32, "GroupNorm groups (every channel count must be divisible by it)")
+    norm_eps: float = param(1e-6, "GroupNorm epsilon")
+    z_channels: int = param(256, "encoder output / decoder input channels")
+    embed_dim: int = param(256, "code vector width (the quantizer works at this width; FSQ: len(fsq_levels))")
+    quantizer: Literal["vq", "l2_ema", "fsq"] = param(
+        "vq",
+        "vq: plain nearest-code quantizer with codebook + commitment loss (Chameleon); "
+        "l2_ema: l2-normalised codes with EMA updates and dead-code restart; fsq: finite scalar quantization",
+    )
+    codebook_size: int = param(8192, "number of codes (fsq: must equal the product of fsq_levels)")
+    fsq_levels: tuple[int, ...] = param((8, 5, 5, 5), "FSQ levels per dimension (8,5,5,5 = 1000 codes)")
+    beta: float = param(0.25, "commitment loss weight")
+    ema_decay: float = param(0.99, "l2_ema: decay of the codebook's moving averages")
+    dead_code_threshold: float = param(
+        0.5, "l2_ema: a code whose moving-average count per batch falls below this is restarted from a batch vector"
+    )
+    decoder: bool = param(True, "build the decoder (false for encoder-only imports such as Hugging Face's)")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.downsample_factor
+        return (side, side)
+
+    @property
+    def codes_per_image(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    @property
+    def code_dim(self) -> int:
+        """Width of a quantized vector (FSQ: one dimension per level)."""
+        return len(self.fsq_levels) if self.quantizer == "fsq" else self.embed_dim
+
+
+def validate(cfg: VQConfig) -> VQConfig:
+    """Raises ConfigError for a shape that cannot be built; returns `cfg`."""
+    if cfg.image_size % cfg.downsample_factor:
+        raise ConfigError(
+            f"image_size {cfg.image_size} is not divisible by the downsample factor {cfg.downsample_factor} "
+            f"of channel_mult {cfg.channel_mult}"
+        )
+    channels = {cfg.base_channels * m for m in cfg.channel_mult} | {cfg.base_channels}
+    bad = sorted(c for c in channels if c % cfg.norm_groups)
+    if bad:
+        raise ConfigError(f"norm_groups {cfg.norm_groups} does not divide the channel counts {bad}")
+    if cfg.quantizer == "fsq":
+        if math.prod(cfg.fsq_levels) != cfg.codebook_size:
+            raise ConfigError(
+                f"fsq: codebook_size {cfg.codebook_size} != product of fsq_levels {cfg.fsq_levels} "
+                f"({math.prod(cfg.fsq_levels)})"
+            )
+        if min(cfg.fsq_levels) < 2:
+            raise ConfigError(f"fsq: every level needs at least 2 values, got {cfg.fsq_levels}")
+    if cfg.codebook_size > 2**31 - 1:
+        raise ConfigError("codebook_size must fit an int32")
+    return cfg
+
+
+def _tiny() -> VQConfig:
+    """Seconds on a laptop: 16 px -> 4x4 codes of 64."""
+    return VQConfig(
+        image_size=16, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+        norm_groups=4, z_channels=16, embed_dim=8, quantizer="vq", codebook_size=64,
+    )
+
+
+def _shapes() -> VQConfig:
+    """Shapes 64 px -> 8x8 = 64 codes (see train/vqvae.py for why this shape)."""
+    return VQConfig(
+        image_size=64, base_channels=16, channel_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(),
+        mid_attention=True, norm_groups=8, z_channels=32, embed_dim=8, quantizer="l2_ema", codebook_size=512,
+    )
+
+
+def _chameleon() -> VQConfig:
+    """The released Chameleon VQGAN (512 px, 32x32 = 1024 codes of 8192)."""
+    return VQConfig()
+
+
+VQ_PRESETS = {"tiny": _tiny, "shapes": _shapes, "chameleon": _chameleon}

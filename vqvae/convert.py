@@ -1,0 +1,344 @@
+"""Import released VQGAN weights into a tokenizer directory.
+
+    python -m vqvae.convert taming SRC DST [image_size=512 ...]
+    python -m vqvae.convert hf SRC DST
+
+taming: a taming-transformers / Chameleon state dict (`encoder.*`, `decoder.*`,
+  `quantize.embedding.weight`, `quant_conv.*`, `post_quant_conv.*`; other keys such
+  as `loss.*` are ignored) from a `.ckpt`/`.pt`/`.pth` file (read with
+  `torch.load(weights_only=True)`, a top-level "state_dict" is unwrapped; torch is
+  needed only for these) or a `.safetensors` file. The shape (channels, levels,
+  res blocks, attention, codebook) is read from the tensors; the image size is not
+  stored in them and defaults to 512 (override with image_size=...).
+hf: a Hugging Face directory (config.json + *.safetensors) of `ChameleonVQVAE` or of a
+  whole Chameleon model (the `vqmodel.` sub-module is taken). Hugging Face ships the
+  encoder only, so the tokenizer encodes but cannot decode unless decoder weights
+  are present.
+
+Layout differences handled here: torch convolutions are OIHW and ours HWIO; GroupNorm
+`weight` is our `scale`; the taming codebook `quantize.embedding.weight` is our
+`quantize.codebook`. A tensor that is missing or has the wrong shape is an error
+naming it. Safetensors files are read by this module directly (memory-mapped, bf16
+included), so the hf path needs neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from chameleon_jax import configlib
+from vqvae.config import VQConfig
+
+
+class ConversionError(ValueError):
+    """A source tensor is missing, has the wrong shape, or the source cannot be read."""
+
+
+# --------------------------------------------------------------------------- reading files
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str | Path, keep: Callable[[str], bool] = lambda name: True) -> dict[str, np.ndarray]:
+    """The tensors of a .safetensors file whose names pass `keep`, as float32/int numpy arrays."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not keep(name):
+            continue
+        start, end = info["data_offsets"]
+        raw = data[start:end]
+        if info["dtype"] == "BF16":
+            import ml_dtypes
+
+            arr = np.frombuffer(raw, dtype=ml_dtypes.bfloat16).astype(np.float32)
+        elif info["dtype"] in _ST_DTYPES:
+            arr = np.frombuffer(raw, dtype=_ST_DTYPES[info["dtype"]])
+        else:
+            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        arr = arr.reshape(info["shape"])
+        out[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else np.array(arr)
+    return out
+
+
+def _read_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(
+            f"reading {path.name} needs PyTorch (pip install torch), or convert it to .safetensors first"
+        ) from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickles with non-tensor objects refuse to load safely
+        raise ConversionError(
+            f"torch.load({path}, weights_only=True) failed: {e}. The file holds more than tensors; "
+            "in an environment you trust, load it and save its state_dict with safetensors, then convert that."
+        ) from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise ConversionError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()
+            if hasattr(v, "detach")}
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """A taming-style state dict from .safetensors or a torch checkpoint (.ckpt/.pt/.pth/.bin)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    return _read_torch(path)
+
+
+# --------------------------------------------------------------------------- names and layouts
+
+
+def _our_name(path: tuple) -> str:
+    """nnx state path -> taming key (`('encoder', 'down', 0, 'block', 1, 'norm1', 'scale')` ->
+    `encoder.down.0.block.1.norm1.weight`)."""
+    parts = [str(p) for p in path]
+    if parts == ["quantize", "codebook"]:
+        return "quantize.embedding.weight"
+    if parts[-1] in ("kernel", "scale"):
+        parts[-1] = "weight"
+    return ".".join(parts)
+
+
+def _to_ours(name: str, value: np.ndarray, want_shape: tuple) -> np.ndarray:
+    """Torch layout -> ours (conv OIHW -> HWIO); anything else is taken as is."""
+    if value.ndim == 4:
+        value = value.transpose(2, 3, 1, 0)
+    return value
+
+
+def _to_torch(value: np.ndarray) -> np.ndarray:
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+
+
+def _torch_shape(shape: tuple) -> tuple:
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
+
+
+def to_taming_state_dict(model) -> dict[str, np.ndarray]:
+    """Our model's parameters in taming naming and torch layout (float32 numpy)."""
+    from flax import nnx
+
+    if model.cfg.quantizer != "vq":
+        raise ValueError(f"taming checkpoints hold a plain vq codebook; this model uses {model.cfg.quantizer!r}")
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {_our_name(path): _to_torch(np.asarray(var[...], np.float32)) for path, var in flat}
+
+
+def load_into_model(cfg: VQConfig, state_dict: Mapping[str, np.ndarray]):
+    """Builds a VQModel of `cfg` from a taming-named state dict; returns (model, ignored source keys)."""
+    import jax
+    from flax import nnx
+
+    from vqvae.model import VQModel
+
+    if cfg.quantizer != "vq":
+        raise ConversionError(f"taming / Chameleon weights use the plain vq quantizer, not {cfg.quantizer!r}")
+    abstract = nnx.eval_shape(lambda: VQModel(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    used = set()
+    missing, wrong = [], []
+    for path, var in nnx.to_flat_state(state):
+        name = _our_name(path)
+        want = tuple(var.shape)
+        if name not in state_dict:
+            missing.append(name)
+            continue
+        value = np.asarray(state_dict[name])
+        if tuple(value.shape) != _torch_shape(want):
+            wrong.append(f"{name}: expected {_torch_shape(want)}, got {tuple(value.shape)}")
+            continue
+        var.set_value(jax.numpy.asarray(_to_ours(name, value, want), dtype=var.dtype))
+        used.add(name)
+    if missing or wrong:
+        lines = [f"missing tensor {m}" for m in missing[:20]] + [f"wrong shape {w}" for w in wrong[:20]]
+        more = len(missing) + len(wrong) - len(lines)
+        raise ConversionError(
+            "the state dict does not fit the model:\n  " + "\n  ".join(lines) + (f"\n  ... and {more} more" if more > 0 else "")
+        )
+    return nnx.merge(graphdef, state), sorted(set(state_dict) - used)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def infer_taming_config(sd: Mapping[str, np.ndarray], image_size: int = 512) -> VQConfig:
+    """Reads the model shape from the tensors of a taming state dict."""
+
+    def need(key):
+        if key not in sd:
+            raise ConversionError(f"missing tensor {key} (is this a taming VQGAN state dict?)")
+        return sd[key]
+
+    base = need("encoder.conv_in.weight").shape[0]
+    levels = 0
+    while f"encoder.down.{levels}.block.0.conv1.weight" in sd:
+        levels += 1
+    if levels == 0:
+        raise ConversionError("missing tensor encoder.down.0.block.0.conv1.weight")
+    mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base for i in range(levels))
+    blocks = 0
+    while f"encoder.down.0.block.{blocks}.conv1.weight" in sd:
+        blocks += 1
+    attn = tuple(image_size // 2**i for i in range(levels) if f"encoder.down.{i}.attn.0.q.weight" in sd)
+    z_out = need("encoder.conv_out.weight").shape[0]
+    embed_dim, z_in = need("quant_conv.weight").shape[:2]
+    if z_out != z_in:
+        raise ConversionError(
+            f"encoder.conv_out has {z_out} outputs but quant_conv takes {z_in}: double_z encoders are not supported"
+        )
+    codes, dim = need("quantize.embedding.weight").shape
+    if dim != embed_dim:
+        raise ConversionError(f"quantize.embedding.weight has width {dim}, quant_conv outputs {embed_dim}")
+    return VQConfig(
+        image_size=image_size, base_channels=base, channel_mult=mult, num_res_blocks=blocks,
+        attn_resolutions=attn, mid_attention="encoder.mid.attn_1.q.weight" in sd, norm_groups=32,
+        norm_eps=1e-6, z_channels=z_in, embed_dim=embed_dim, quantizer="vq", codebook_size=codes,
+        decoder="decoder.conv_in.weight" in sd,
+    )
+
+
+def hf_config(hf: Mapping[str, Any], has_decoder: bool) -> VQConfig:
+    """VQConfig from a ChameleonVQVAEConfig dict (or a ChameleonConfig dict holding `vq_config`)."""
+    vq = hf.get("vq_config", hf) or {}
+    if vq.get("double_latent", False):
+        raise ConversionError("double_latent=true Chameleon VQ configs are not supported")
+    if vq.get("in_channels", 3) != 3:
+        raise ConversionError(f"in_channels must be 3, got {vq.get('in_channels')}")
+    vanilla = vq.get("attn_type", "vanilla") == "vanilla"
+    return VQConfig(
+        image_size=int(vq.get("resolution", 512)),
+        base_channels=int(vq.get("base_channels", 128)),
+        channel_mult=tuple(int(m) for m in vq.get("channel_multiplier", (1, 1, 2, 2, 4))),
+        num_res_blocks=int(vq.get("num_res_blocks", 2)),
+        attn_resolutions=tuple(int(r) for r in (vq.get("attn_resolutions") or ())) if vanilla else (),
+        mid_attention=vanilla,
+        norm_groups=32,
+        norm_eps=1e-6,
+        z_channels=int(vq.get("latent_channels", 256)),
+        embed_dim=int(vq.get("embed_dim", 256)),
+        quantizer="vq",
+        codebook_size=int(vq.get("num_embeddings", 8192)),
+        beta=float(vq.get("beta", 0.25)),
+        decoder=has_decoder,
+    )
+
+
+def _strip_vq_prefix(names) -> dict[str, str]:
+    """{our key: source key}: drops everything up to `vqmodel.` (whole-model checkpoints)."""
+    out = {}
+    for name in names:
+        if "vqmodel." in name:
+            out[name.split("vqmodel.", 1)[1]] = name
+        elif name.split(".", 1)[0] in ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv"):
+            out[name] = name
+    return out
+
+
+def read_hf(src: str | Path) -> tuple[VQConfig, dict[str, np.ndarray]]:
+    src = Path(src)
+    cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{src} is not a Hugging Face model directory (no config.json)")
+    hf = json.loads(cfg_path.read_text())
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = _strip_vq_prefix(weight_map)
+        files = sorted({weight_map[n] for n in names.values()})
+    else:
+        files = sorted(p.name for p in src.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors weights in {src}")
+    sd = {}
+    for fname in files:
+        tensors = read_safetensors(src / fname, keep=lambda n: bool(_strip_vq_prefix([n])))
+        sd.update({ours: tensors[theirs] for ours, theirs in _strip_vq_prefix(tensors).items()})
+    if not sd:
+        raise ConversionError(f"no VQ tensors (encoder.*, quantize.*, ...) in {src}")
+    return hf_config(hf, has_decoder="decoder.conv_in.weight" in sd), sd
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _apply(cfg: VQConfig, overrides: list[str]) -> VQConfig:
+    return configlib.apply_overrides(cfg, overrides) if overrides else cfg
+
+
+def convert_taming(src: str | Path, dst: str | Path, overrides: list[str] = ()) -> Path:
+    """Taming / Chameleon checkpoint -> tokenizer directory `dst`."""
+    from vqvae.tokenizer import save_tokenizer
+
+    sd = read_state_dict(src)
+    image_size = 512
+    for o in overrides:
+        if o.startswith("image_size="):
+            image_size = int(o.split("=", 1)[1])
+    cfg = _apply(infer_taming_config(sd, image_size), list(overrides))
+    model, ignored = load_into_model(cfg, sd)
+    if ignored:
+        print(f"ignored {len(ignored)} tensors not part of the tokenizer (e.g. {ignored[0]})", file=sys.stderr)
+    return save_tokenizer(model, dst, source=f"taming:{Path(src).name}")
+
+
+def convert_hf(src: str | Path, dst: str | Path, overrides: list[str] = ()) -> Path:
+    """Hugging Face ChameleonVQVAE (or whole Chameleon) directory -> tokenizer directory `dst`."""
+    from vqvae.tokenizer import save_tokenizer
+
+    cfg, sd = read_hf(src)
+    cfg = _apply(cfg, list(overrides))
+    model, ignored = load_into_model(cfg, sd)
+    if ignored:
+        print(f"ignored {len(ignored)} tensors not part of the tokenizer (e.g. {ignored[0]})", file=sys.stderr)
+    return save_tokenizer(model, dst, source=f"hf:{Path(src).name}")
+
+
+USAGE = "usage: python -m vqvae.convert {taming,hf} SRC DST [model_key=value ...]"
+
+
+def main(argv=None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if len(args) < 3 or args[0] not in ("taming", "hf") or any(a in ("-h", "--help") for a in args):
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    kind, src, dst, overrides = args[0], args[1], args[2], args[3:]
+
+    def go():
+        fn = convert_taming if kind == "taming" else convert_hf
+        out = fn(src, dst, overrides)
+        from vqvae.tokenizer import read_meta
+
+        meta = read_meta(out)
+        print(f"wrote {out}: {meta['image_size']} px -> {meta['grid'][0]}x{meta['grid'][1]} codes of "
+              f"{meta['codebook_size']}, decoder={'yes' if meta['can_decode'] else 'no'}")
+
+    try:
+        configlib.main_guard(go)
+    except (ConversionError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -75,6 +75,13 @@ def _tiny() -> DemoConfig:
 
 PRESETS = {"demo": _demo, "tiny": _tiny}
 
+# The figures a reader looks at first (metrics.json holds many more).
+HEADLINE = (
+    "judge_accuracy_ground_truth", "vq_psnr_db", "vq_codebook_usage", "vq_judge_accuracy", "caption_exact_match",
+    "caption_cider_d", "vqa_accuracy", "t2i_judge_accuracy_seen", "t2i_judge_accuracy_heldout",
+    "t2i_judge_accuracy_seen_no_guidance", "interleaved_image_accuracy", "text_perplexity", "image_perplexity",
+)
+
 
 def _banner(name: str) -> float:
     print(f"\n=== {name} " + "=" * max(0, 60 - len(name)), flush=True)
@@ -148,7 +155,7 @@ def stage_eval(name: str, module, pipe_fn, cfg: DemoConfig, n: int) -> Callable[
         ecfg = dataclasses.replace(cfg.eval, run_dir=cfg.run_dir, image_size=cfg.image_size, num_examples=n)
         res = module.evaluate(pipe_fn(), ecfg)
         common.write_results(cfg.run_dir, name, res)
-        return _scalars(res)
+        return {k if name in k else f"{name}_{k}": v for k, v in _scalars(res).items()}
 
     return run
 
@@ -206,9 +213,7 @@ def run(cfg: DemoConfig) -> Path:
     figures.update({f"lm_{k}" if not k.startswith("lm_") else k: v for k, v in _scalars(lm_metrics).items()})
     update_headline(run_dir / "metrics.json", figures)
     report = write_report(run_dir)
-    headline = ["judge_accuracy_ground_truth", "vq_psnr_db", "vq_codebook_usage", "vq_judge_accuracy",
-                "caption_exact_match", "vqa_accuracy", "t2i_judge_accuracy_seen", "t2i_judge_accuracy_heldout"]
-    print(common.format_table("headline figures", {k: figures[k] for k in headline if k in figures}))
+    print(common.format_table("headline figures", {k: figures[k] for k in HEADLINE if k in figures}))
     print(f"\nreport: {report}\nmetrics: {run_dir / 'metrics.json'}")
     return run_dir
 

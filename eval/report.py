@@ -36,7 +36,7 @@ def _img(src: str, cls: str = "", style: str = "") -> str:
 
 def _metrics_table(metrics: dict[str, Any]) -> str:
     rows = []
-    for k in sorted(metrics):
+    for k in metrics:
         v = metrics[k]
         shown = f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
         rows.append(f"<tr><td>{html.escape(k)}</td><td class=num>{shown}</td></tr>")
@@ -80,7 +80,12 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     sections = [f"<h1>chameleon-jax run: {html.escape(run.name)}</h1>"]
     sections.append("<p>Generated parts are outlined or coloured blue.</p>")
     if metrics:
-        sections.append("<h2>Headline figures</h2>" + _metrics_table(metrics))
+        from eval.demo import HEADLINE
+
+        top = {k: metrics[k] for k in HEADLINE if k in metrics}
+        sections.append("<h2>Headline figures</h2>" + _metrics_table(top or metrics))
+        if top:
+            sections.append("<details><summary>All figures</summary>" + _metrics_table(metrics) + "</details>")
 
     curves = []
     for stage, keys in (("vq", ["loss", "recon_loss"]), ("lm", ["loss", "text_loss", "image_loss", "eval_loss"])):

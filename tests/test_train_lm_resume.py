@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from chameleon_jax import configlib
 from train.checkpointing import Checkpointer

@@ -8,7 +8,6 @@ from typing import Literal
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig
 from chameleon_jax.configlib import param
 from chameleon_jax.lm_data import LMDataConfig
-from chameleon_jax.sequence import SequenceConfig
 from train.optim import OptimConfig
 
 

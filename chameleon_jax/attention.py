@@ -3,7 +3,8 @@
 The kernel is `jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on
 GPU), or an explicit einsum softmax (`naive`) kept as the readable reference. All
 three take grouped-query attention as it is: N query heads against K key/value
-heads, never materialising the repeated keys.
+heads, never materialising the repeated keys. A one-token decode step skips the
+dispatch: two einsums straight off the [B, K, S, H] cache (`decode_step_attention`).
 
 Masks are boolean, True = may attend, shaped [batch, 1, T, S] (broadcast over heads).
 Masked logits get a large finite negative value, so a row that may attend to nothing
@@ -18,7 +19,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from chameleon_jax.config import ModelConfig
-from chameleon_jax.kv_cache import KVCache
+from chameleon_jax.kv_cache import CACHE_AXES, read_layer, write_layer
 from chameleon_jax.layers import QKNorm, apply_rope, dtype_of, make_param, normal
 from chameleon_jax.sharding import constrain
 
@@ -97,6 +98,33 @@ def dot_product_attention(
     )
 
 
+def decode_step_attention(q_b1nh, k_bksh, v_bksh, k_b1kh, v_b1kh, mask_b11s, write_index) -> jax.Array:
+    """One query per row against a [B, K, S, H] cache plus its own new key and value: [B, 1, N, H].
+
+    The cache is the one from before this step's write: slot `write_index` is skipped
+    there and the new key/value (already rotated) stand in for it, so the cache is only
+    read before its in-place write, never after (reading the written array makes XLA
+    copy it). The layout is already the batched-matmul one (batch B, K; contract H,
+    then S): nothing is transposed or repeated, the mask stays [B, 1, 1, S], and the
+    logits are float32.
+    """
+    b, _, n, h = q_b1nh.shape
+    kv, s = k_bksh.shape[1], k_bksh.shape[2]
+    q_bkgh = q_b1nh.reshape(b, kv, n // kv, h) * jnp.asarray(h ** -0.5, q_b1nh.dtype)
+    old_bkgs = jnp.einsum("bkgh,bksh->bkgs", q_bkgh, k_bksh, preferred_element_type=jnp.float32)
+    new_bkg1 = jnp.einsum("bkgh,bkh->bkg", q_bkgh, k_b1kh[:, 0], preferred_element_type=jnp.float32)[..., None]
+    stale_s = jnp.arange(s, dtype=jnp.int32) == write_index
+    new_b111 = jax.lax.dynamic_slice_in_dim(mask_b11s, write_index, 1, axis=-1)
+    neg = jnp.finfo(jnp.float32).min
+    logits_bkgt = jnp.concatenate(
+        [jnp.where(mask_b11s & ~stale_s, old_bkgs, neg), jnp.where(new_b111, new_bkg1, neg)], axis=-1
+    )
+    probs_bkgt = jax.nn.softmax(logits_bkgt, axis=-1).astype(v_bksh.dtype)
+    out_bkgh = jnp.einsum("bkgs,bksh->bkgh", probs_bkgt[..., :s], v_bksh)
+    out_bkgh = out_bkgh + probs_bkgt[..., s:] * v_b1kh[:, 0, :, None, :]
+    return out_bkgh.reshape(b, 1, n, h)
+
+
 # --------------------------------------------------------------------------- layer
 
 
@@ -146,21 +174,38 @@ class Attention(nnx.Module):
         *,
         mask_b1ts: jax.Array | None,
         is_causal: bool,
-        cache: KVCache | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
         layer=None,
         write_index=None,
-    ) -> tuple[jax.Array, KVCache | None]:
-        """Self-attention over the T new tokens, or (with `cache`) over the cache after
-        writing the new keys and values into layer `layer` at `write_index`."""
-        q_btnh, k_bskh, v_bskh = self.project(x_btd, positions_bt)
-        if cache is not None:
-            cache = cache.write(layer, write_index, k_bskh, v_bskh)
-            k_bskh, v_bskh = cache.layer(layer)
-            k_bskh = constrain(k_bskh, ("cache_batch", "cache_length", "cache_kv_heads", None))
-            v_bskh = constrain(v_bskh, ("cache_batch", "cache_length", "cache_kv_heads", None))
-        out_btnh = dot_product_attention(
-            q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal=is_causal, implementation=self.implementation
-        )
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """Self-attention over the T new tokens, or over the cache with the new keys and
+        values stored at `write_index`. `cache`: this layer's (k, v), each [B, K, S, H], or
+        with `layer` the stacked [L, B, K, S, H] pair. Returns the output [B, T, D] and the
+        updated cache pair."""
+        q_btnh, k_btkh, v_btkh = self.project(x_btd, positions_bt)
+        if cache is None:
+            out_btnh = dot_product_attention(
+                q_btnh, k_btkh, v_btkh, mask_b1ts, is_causal=is_causal, implementation=self.implementation
+            )
+        elif q_btnh.shape[1] == 1:
+            k_bksh, v_bksh = (constrain(a, CACHE_AXES) for a in read_layer(*cache, layer))
+            out_btnh = decode_step_attention(q_btnh, k_bksh, v_bksh, k_btkh, v_btkh, mask_b1ts, write_index)
+            # XLA writes the cache in place only when the write provably follows the read,
+            # else it copies the layer's cache every step; a zero-weight dependence on the
+            # output orders them. (It changes nothing unless that row's output is not finite.)
+            after_b111 = 0 * out_btnh[:, :, :1, :1]
+            cache = write_layer(*cache, write_index, k_btkh + after_b111, v_btkh + after_b111, layer)
+        else:  # a prefill: write, then read back with one transpose for the kernel dispatch
+            cache = write_layer(*cache, write_index, k_btkh, v_btkh, layer)
+            k_bksh, v_bksh = (constrain(a, CACHE_AXES) for a in read_layer(*cache, layer))
+            out_btnh = dot_product_attention(
+                q_btnh, k_bksh.transpose(0, 2, 1, 3), v_bksh.transpose(0, 2, 1, 3), mask_b1ts,
+                is_causal=is_causal, implementation=self.implementation,
+            )
         out_btnh = constrain(out_btnh, ("activation_batch", "activation_length", "activation_heads", None))
-        y_btd = jnp.einsum("btnh,nhd->btd", out_btnh, self.wo_nhd[...].astype(self.dtype))
+        # Heads and head_dim merged by hand: contracting both in one einsum lets XLA on CPU
+        # pick a (head_dim, heads) order and transpose the whole weight on every call.
+        b, t, n, h = out_btnh.shape
+        wo_ed = self.wo_nhd[...].astype(self.dtype).reshape(n * h, -1)
+        y_btd = jnp.einsum("bte,ed->btd", out_btnh.reshape(b, t, n * h), wo_ed)
         return y_btd, cache

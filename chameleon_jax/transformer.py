@@ -10,7 +10,8 @@ model, the swin-norm block `h = x + norm(attn(x)); out = h + norm(ffn(h))`.
     logits_btv, cache = model.decode(next_b1, pos_b1, cache, t, kv_mask_bs)      # one step
 
 With `cfg.scan_layers` the blocks are stacked (built with `nnx.vmap`, parameters get a
-leading `layers` axis) and run under one scan, so a deep model compiles one block, not L.
+leading `layers` axis) and run under one scan, so a deep model compiles one block, not L;
+its KV cache is stacked too and travels in the scan's carry.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from chameleon_jax.attention import Attention, decode_mask, segment_mask
 from chameleon_jax.config import ModelConfig
-from chameleon_jax.kv_cache import CACHE_AXES, KVCache
+from chameleon_jax.kv_cache import CACHE_AXES, STACKED_CACHE_AXES, KVCache
 from chameleon_jax.layers import Embed, RMSNorm, SwiGLU, Unembed, dtype_of
 from chameleon_jax.sharding import constrain
 
@@ -65,10 +66,11 @@ class Block(nnx.Module):
         is_causal: bool,
         deterministic: bool,
         dropout_key: jax.Array | None = None,
-        cache: KVCache | None = None,
+        cache: tuple[jax.Array, jax.Array] | None = None,
         layer=None,
         write_index=None,
-    ) -> tuple[jax.Array, KVCache | None]:
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """The block's output [B, T, D] and the updated cache pair (see `Attention.__call__`)."""
         attn_key = ffn_key = None
         if dropout_key is not None:
             attn_key, ffn_key = jax.random.split(dropout_key)
@@ -151,11 +153,12 @@ class Transformer(nnx.Module):
         return self.lm_head(self.final_norm(x_btd))
 
     def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        """An all-zero cache: k, v of shape [layers, batch, max_len, kv_heads, head_dim] in cfg.dtype."""
+        """An all-zero cache in cfg.dtype: per layer, k and v of shape [batch, kv_heads, max_len, head_dim]
+        (with `scan_layers`, stacked into [layers, batch, kv_heads, max_len, head_dim])."""
         cfg = self.cfg
         cache = KVCache.zeros(cfg.num_layers, batch, max_len or cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim,
-                              dtype_of(cfg.dtype))
-        return KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES))
+                              dtype_of(cfg.dtype), stacked=cfg.scan_layers)
+        return jax.tree.map(lambda a: constrain(a, STACKED_CACHE_AXES if cfg.scan_layers else CACHE_AXES), cache)
 
     def decode(
         self,
@@ -189,34 +192,40 @@ class Transformer(nnx.Module):
         if not deterministic and cfg.dropout > 0:
             keys = jax.random.split(self.dropout_rngs(), cfg.num_layers)
 
-        def run(block, x_btd, key, layer, cache):
+        def run(block, x_btd, key, layer_cache, layer=None):
             return block(x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=is_causal, deterministic=deterministic,
-                         dropout_key=key, cache=cache, layer=layer, write_index=write_index)
+                         dropout_key=key, cache=layer_cache, layer=layer, write_index=write_index)
 
         policy = remat_policy(cfg)
         if cache is None and cfg.remat_policy != "none":
             inner = run
 
-            def run(block, x_btd, key, layer, cache):
-                return nnx.remat(lambda b, x, k: inner(b, x, k, None, None), policy=policy)(block, x_btd, key)
+            def run(block, x_btd, key, layer_cache, layer=None):
+                return nnx.remat(lambda b, x, k: inner(b, x, k, None), policy=policy)(block, x_btd, key)
 
         if cfg.scan_layers:
             # A plain lax.scan over the stacked block state (rebuilt into a Block per step), so the
-            # model also runs inside loops traced after it was built (a decode while_loop).
+            # model also runs inside loops traced after it was built (a decode while_loop). The
+            # stacked cache rides in the carry, where each layer's write is an in-place update.
             graphdef, stacked = nnx.split(self.blocks)
 
             def body(carry, xs):
-                x_btd, cache = carry
+                x_btd, kv = carry
                 state, key, layer = xs
-                return run(nnx.merge(graphdef, state), x_btd, key, layer, cache), None
+                return run(nnx.merge(graphdef, state), x_btd, key, kv, layer), None
 
             layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-            (x_btd, cache), _ = jax.lax.scan(body, (x_btd, cache), (stacked, keys, layers))
-            return x_btd, cache
+            kv = None if cache is None else (cache.k, cache.v)
+            (x_btd, kv), _ = jax.lax.scan(body, (x_btd, kv), (stacked, keys, layers))
+            return x_btd, None if cache is None else KVCache(*kv)
 
+        new_k, new_v = [], []
         for i, block in enumerate(self.blocks):
-            x_btd, cache = run(block, x_btd, None if keys is None else keys[i], i, cache)
-        return x_btd, cache
+            x_btd, kv = run(block, x_btd, None if keys is None else keys[i], None if cache is None else cache.layer(i))
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        return x_btd, None if cache is None else KVCache(tuple(new_k), tuple(new_v))
 
 
 # --------------------------------------------------------------------------- accounting

@@ -12,6 +12,7 @@ from flax import nnx
 
 from chameleon_jax.attention import (
     decode_mask,
+    decode_step_attention,
     dot_product_attention,
     naive_attention,
     resolve_implementation,
@@ -65,6 +66,21 @@ def test_decode_mask_combines_kv_mask_and_causality():
     ref = reference(q, k, v, np.asarray(mask[:, 0]))
     for impl in ("xla", "naive"):
         np.testing.assert_allclose(dot_product_attention(q, k, v, mask, implementation=impl), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_decode_step_reads_the_cache_from_before_its_write(kv_heads):
+    """The step sees its own new key/value at write_index, never the stale cache slot there."""
+    q, k, v = qkv(t=1, s=9, k=kv_heads, seed=2)
+    kv_mask = jnp.asarray([[False, True, True, True, True, True, False, False, False], [True] * 9])
+    mask = decode_mask(kv_mask, jnp.int32(5), 1)
+    assert mask.shape == (2, 1, 1, 9)
+    ref = reference(q, k, v, np.asarray(mask[:, 0]))
+    stale_k, stale_v = (a.transpose(0, 2, 1, 3).at[:, :, 5].set(100.0) for a in (k, v))
+    out = decode_step_attention(q, stale_k, stale_v, k[:, 5:6], v[:, 5:6], mask, jnp.int32(5))
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    nothing = decode_step_attention(q, stale_k, stale_v, k[:, 5:6], v[:, 5:6], jnp.zeros_like(mask), jnp.int32(5))
+    assert bool(jnp.isfinite(nothing).all())
 
 
 def test_query_that_may_see_nothing_stays_finite():

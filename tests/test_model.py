@@ -68,7 +68,13 @@ def test_cached_decode_matches_full_forward_with_left_padding(scan):
     kv_mask = jnp.asarray(np.pad(kv_mask, ((0, 0), (0, cfg.max_seq_len - 10))))
 
     cache = model.init_cache(2)
-    assert cache.k.shape == (cfg.num_layers, 2, cfg.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+    layer_shape = (2, cfg.num_kv_heads, cfg.max_seq_len, cfg.head_dim)
+    if scan:
+        assert cache.k.shape == cache.v.shape == (cfg.num_layers, *layer_shape)
+    else:
+        assert len(cache.k) == len(cache.v) == cfg.num_layers
+        assert all(a.shape == layer_shape for a in (*cache.k, *cache.v))
+    assert (cache.num_layers, cache.batch_size, cache.max_len) == (cfg.num_layers, 2, cfg.max_seq_len)
     logits, cache = decode(model, rows[:, :prompt_len], positions[:, :prompt_len], cache, 0, kv_mask)
     np.testing.assert_allclose(logits[0], full0[:prompt_len], atol=1e-4)
     np.testing.assert_allclose(logits[1, 2:], full1[:4], atol=1e-4)
@@ -77,6 +83,21 @@ def test_cached_decode_matches_full_forward_with_left_padding(scan):
         step, cache = decode(model, rows[:, t:t + 1], positions[:, t:t + 1], cache, jnp.int32(t), kv_mask)
         np.testing.assert_allclose(step[0, 0], full0[t], atol=1e-4)
         np.testing.assert_allclose(step[1, 0], full1[t - 2], atol=1e-4)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_decode_step_writes_only_its_slot_in_every_layer(scan):
+    cfg = tiny(scan_layers=scan)
+    model = make(cfg)
+    seq = tokens((2, 4), seed=5)
+    mask = jnp.zeros((2, cfg.max_seq_len), bool).at[:, :4].set(True)
+    _, before = decode(model, seq[:, :3], jnp.broadcast_to(jnp.arange(3), (2, 3)), model.init_cache(2), 0, mask)
+    _, after = decode(model, seq[:, 3:], jnp.full((2, 1), 3), before, jnp.int32(3), mask)
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        old, new = np.asarray(old), np.asarray(new)
+        changed_s = np.any(old != new, axis=tuple(i for i in range(old.ndim) if i != old.ndim - 2))
+        np.testing.assert_array_equal(changed_s, np.arange(cfg.max_seq_len) == 3)
+        assert np.all(old[..., :3, :] != 0) and np.all(old[..., 4:, :] == 0)
 
 
 def test_kv_mask_hides_stale_slots():
@@ -173,7 +194,7 @@ def test_bfloat16_compute_with_float32_params():
     out16 = forward(m16, x)
     assert out16.dtype == jnp.float32
     cache = m16.init_cache(2)
-    assert cache.k.dtype == jnp.bfloat16
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(cache))
     err = float(jnp.abs(out16 - forward(m32, x)).max())
     assert 0 < err < 0.1 * float(jnp.abs(forward(m32, x)).max())
 

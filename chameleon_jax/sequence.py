@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 TEXT, IMAGE = 0, 1
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_weights", "modality")
-_DTYPES = {"tokens": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
+BATCH_DTYPES = {"tokens": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
            "loss_weights": np.float32, "modality": np.int8}
 
 
@@ -178,7 +178,7 @@ class RowPacker:
     def reset(self) -> None:
         self.used = 0
         self.count = 0
-        self.row = {k: np.zeros((self.seq_len,), _DTYPES[k]) for k in BATCH_KEYS}
+        self.row = {k: np.zeros((self.seq_len,), BATCH_DTYPES[k]) for k in BATCH_KEYS}
         self.row["tokens"][:] = self.pad_id
         self.row["targets"][:] = self.pad_id
 

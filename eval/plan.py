@@ -37,6 +37,7 @@ import sys
 from typing import Any, Sequence
 
 from chameleon_jax import configlib
+from chameleon_jax.checkpoint import path_str
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig, chameleon_ffn_dim
 from eval import accelerators
 
@@ -120,15 +121,7 @@ class Leaf:
 
 
 def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(p for p in parts if p != "value")
+    return "/".join(p for p in path_str(path).split(".") if p != "value")
 
 
 def make_trainer(cfg: ModelConfig, mesh, rules):
@@ -470,7 +463,12 @@ def compiled_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: int, seq: 
     trainer = make_trainer(cfg, mesh, mesh_cfg.rules)
     compiled = trainer.lower_train_step((batch, seq)).compile()
     m = compiled.memory_analysis()
-    batch_bytes = batch * seq * (5 * 4 + 1) // (sizes["data"] * sizes["fsdp"])  # five int32/f32 fields + int8
+    import numpy as np
+
+    from chameleon_jax.sequence import BATCH_DTYPES
+
+    token_bytes = sum(np.dtype(d).itemsize for d in BATCH_DTYPES.values())
+    batch_bytes = batch * seq * token_bytes // (sizes["data"] * sizes["fsdp"])
     out = {
         "backend": jax.default_backend(),
         "argument_bytes": int(m.argument_size_in_bytes),

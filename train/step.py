@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from chameleon_jax import sharding as shd
 from chameleon_jax.config import ModelConfig
 from chameleon_jax.losses import SUM_KEYS, lm_loss_sums, means_from_sums
-from chameleon_jax.sequence import BATCH_KEYS
+from chameleon_jax.checkpoint import path_str
+from chameleon_jax.sequence import BATCH_DTYPES, BATCH_KEYS
 
 BATCH_AXES = ("activation_batch", "activation_length")
 
@@ -185,7 +186,7 @@ class Trainer:
     def lower_train_step(self, batch_shape):
         """The lowered train step for an abstract batch (ahead-of-time compile, FLOP counts)."""
         batch = {k: jax.ShapeDtypeStruct(batch_shape, v, sharding=self.batch_sharding(batch_shape))
-                 for k, v in _BATCH_DTYPES.items()}
+                 for k, v in BATCH_DTYPES.items()}
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              self.abstract_state, self.state_shardings)
         with shd.use_mesh(self.mesh, self.rules):
@@ -194,7 +195,7 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def checkpoint_tree(self, state: State) -> dict[str, jax.Array]:
         """The state as a flat `{name: array}` dict orbax can store (RNG keys as raw key data)."""
-        return {_name(p): _to_storable(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
+        return {path_str(p): _to_storable(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
     def abstract_checkpoint_tree(self) -> dict[str, jax.ShapeDtypeStruct]:
         """Restore target of `checkpoint_tree`: shapes, dtypes and shardings."""
@@ -202,7 +203,7 @@ class Trainer:
         shardings = jax.tree.leaves(self.state_shardings)
         for (p, a), s in zip(jax.tree_util.tree_leaves_with_path(self.abstract_state), shardings):
             a = jax.eval_shape(_to_storable, a) if _is_key(a) else a
-            out[_name(p)] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+            out[path_str(p)] = jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
         return out
 
     def state_from_checkpoint(self, tree: Mapping[str, jax.Array]) -> State:
@@ -210,26 +211,12 @@ class Trainer:
         paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(self.abstract_state)
         leaves = []
         for p, a in paths_leaves:
-            x = tree[_name(p)]
+            x = tree[path_str(p)]
             # Keys are created with the default implementation (nnx.Rngs(seed)).
             leaves.append(jax.random.wrap_key_data(x) if _is_key(a) else x)
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-_BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32,
-                 "loss_weights": jnp.float32, "modality": jnp.int8}
-
-
-def _name(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return ".".join(parts)
 
 
 def _is_key(x) -> bool:

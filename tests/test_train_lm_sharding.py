@@ -72,3 +72,24 @@ def test_no_weight_decay_on_norms_and_biases(single_device):
     flags = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(decay_mask(state["params"]))}
     assert any(v for k, v in flags.items() if "wq" in k)
     assert not any(v for k, v in flags.items() if "norm" in k or "bias" in k)
+
+
+def test_dropout_trains_and_draws_fresh_masks_each_step():
+    mesh = build_mesh(MeshConfig(), devices=jax.devices()[:1])
+    batch = {k: jax.device_put(v) for k, v in _batch(0).items()}
+
+    def run(dropout: float, grad_accum: int = 1):
+        trainer = Trainer(ModelConfig(dropout=dropout), make_optimizer(OPTIM, 10), mesh, RULES,
+                          schedule=make_schedule(OPTIM, 10), grad_accum=grad_accum, seed=0)
+        state = trainer.init_state()
+        evals = [float(trainer.eval_sums(state, batch)["loss_sum"])]
+        state, m = trainer.train_step(state, batch)
+        return float(m["loss"]), evals[0], m
+
+    loss_drop, eval_drop, m = run(0.5)
+    loss_plain, eval_plain, _ = run(0.0)
+    assert np.isfinite(loss_drop) and np.isfinite(float(m["grad_norm"]))
+    assert eval_drop == pytest.approx(eval_plain)  # evaluation runs without dropout
+    assert abs(loss_drop - loss_plain) > 1e-3  # training runs with it
+    loss_accum, _, _ = run(0.5, grad_accum=2)
+    assert np.isfinite(loss_accum)

@@ -105,12 +105,23 @@ class Trainer:
         return nnx.merge(self.graphdef, state["params"], state["model_state"])
 
     # ------------------------------------------------------------------ steps
-    def _loss(self, params, model_state, mb, deterministic: bool):
-        model = nnx.merge(self.graphdef, params, model_state)
+    def _loss(self, model, mb, deterministic: bool):
         logits_btv = model(mb["tokens"], mb["positions"], mb["segment_ids"], deterministic=deterministic)
         sums = lm_loss_sums(logits_btv, mb["targets"], mb["loss_weights"], mb["modality"], self.cfg.z_loss)
-        model_state = nnx.split(model, nnx.Param, ...)[2]
-        return sums["loss_sum"], (sums, model_state)
+        return sums["loss_sum"], sums
+
+    def _grads(self, params, model_state, mb):
+        """Gradient sums of one (micro)batch; returns (grads, loss sums, the advanced model_state).
+
+        The model is merged outside the differentiated function and differentiated with
+        nnx.value_and_grad, so its dropout stream advances at the trace level it lives in.
+        """
+        model = nnx.merge(self.graphdef, params, model_state)
+        grad_fn = nnx.value_and_grad(
+            lambda m: self._loss(m, mb, False), argnums=nnx.DiffState(0, nnx.Param), has_aux=True
+        )
+        (_, sums), grads = grad_fn(model)
+        return grads, sums, nnx.split(model, nnx.Param, ...)[2]
 
     def _microbatches(self, batch: Batch) -> dict[str, jax.Array]:
         """[B, T] -> [A, B/A, T]; microbatch a takes rows a, a+A, a+2A, ... (no cross-device moves)."""
@@ -126,20 +137,20 @@ class Trainer:
         return {k: split(batch[k]) for k in BATCH_KEYS}
 
     def _train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         params = state["params"]
         if self.grad_accum == 1:
-            (_, (sums, model_state)), grads = grad_fn(params, state["model_state"], batch, False)
+            grads, sums, model_state = self._grads(params, state["model_state"], batch)
         else:
             def body(carry, mb):
-                grads, sums, model_state = carry
-                (_, (s, model_state)), g = grad_fn(params, model_state, mb, False)
-                return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s), model_state), None
+                # params ride in the carry so the model is merged from values of this trace level
+                grads, sums, model_state, p = carry
+                g, s, model_state = self._grads(p, model_state, mb)
+                return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s), model_state, p), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
             sums0 = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
-            (grads, sums, model_state), _ = jax.lax.scan(
-                body, (zeros, sums0, state["model_state"]), self._microbatches(batch)
+            (grads, sums, model_state, _), _ = jax.lax.scan(
+                body, (zeros, sums0, state["model_state"], params), self._microbatches(batch)
             )
         scale = 1.0 / jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g * scale, grads)
@@ -157,7 +168,7 @@ class Trainer:
         return new_state, metrics
 
     def _eval_step(self, state: State, batch: Batch) -> dict[str, jax.Array]:
-        _, (sums, _) = self._loss(state["params"], state["model_state"], batch, True)
+        _, sums = self._loss(self.model(state), batch, True)
         return sums
 
     def _jitted(self, name: str, batch_shape):

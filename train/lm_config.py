@@ -86,9 +86,9 @@ def small() -> LMTrainConfig:
 def demo() -> LMTrainConfig:
     """The end-to-end demo: the `small` model trained on Shapes after the VQ stage (pass vq_dir=...)."""
     cfg = small()
-    # Sized to about 15 minutes on 2 CPU cores (about 1.1 s per step of 16 x 384 tokens).
+    # Sized to fit the 30-minute demo on 2 CPU cores (about 1-2 s per step of 16 x 384 tokens).
     return dataclasses.replace(
-        cfg, steps=800, run_dir="runs/demo/lm", eval_interval=200, checkpoint_interval=200,
+        cfg, steps=500, run_dir="runs/demo/lm", eval_interval=250, checkpoint_interval=250,
         optim=dataclasses.replace(cfg.optim, lr=1e-3, warmup_steps=50),
     )
 

@@ -4,9 +4,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from vqvae import VQ_PRESETS, Tokenizer, VQModel, load_tokenizer
+from vqvae import VQ_PRESETS, Tokenizer, load_tokenizer
+from vqvae.model import create_model
 from vqvae.convert import (
     ConversionError,
     convert_hf,
@@ -27,7 +27,7 @@ def _images(n, size, seed=0):
 
 @pytest.fixture(scope="module")
 def source():
-    model = VQModel(CFG, rngs=nnx.Rngs(7))
+    model = create_model(CFG, 7)
     # A codebook spread like the latents, so the codes of random pictures are varied.
     x = _images(8, 16, seed=1) / 127.5 - 1
     z = np.asarray(model.latents(x)).reshape(-1, CFG.embed_dim)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import shutil
 import sys
 import time
@@ -86,6 +85,10 @@ class VQTrainConfig:
     steps: int = param(2000, "training steps")
     batch_size: int = param(32, "global batch (pictures per step), divisible by the device count")
     recon_loss: Literal["l1", "l2"] = param("l2", "pixel reconstruction loss on the [-1, 1] scale")
+    quantize_warmup_steps: int = param(
+        0, "decode continuous latents for this many steps, then blend in the quantized ones over as many more "
+        "(0 = quantize from the start); the codebook follows the latents throughout"
+    )
     codebook_weight: float = param(1.0, "weight of the codebook loss (plain vq only; l2_ema and fsq learn no codebook by gradient)")
     extra_loss: str = param("", "name of a loss registered with vqvae.losses.register_extra_loss (perceptual, ...)")
     extra_loss_weight: float = param(0.0, "weight of extra_loss")
@@ -259,7 +262,7 @@ def _log(msg: str) -> None:
 def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     """Trains (or resumes, or reuses) the tokenizer of `cfg`; returns the run directory.
 
-    extra_loss: optional `fn(images, reconstructions) -> scalar` (float, [-1, 1]) added
+    extra_loss: optional `fn(images, reconstructions, step) -> scalar` (float, [-1, 1]) added
     with weight cfg.extra_loss_weight; overrides the registered cfg.extra_loss.
     """
     import grain
@@ -316,7 +319,7 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     schedule_steps = cfg.steps if cfg.optim.decay_steps <= 0 else 0
     progs = _programs(
         cfg.model, cfg.optim, schedule_steps, cfg.recon_loss, cfg.codebook_weight, extra_fn, cfg.extra_loss_weight,
-        cfg.seed, tuple(jax.devices()),
+        cfg.quantize_warmup_steps, cfg.seed, tuple(jax.devices()),
     )
     state = progs.init()
     schedule_lr = progs.schedule
@@ -407,7 +410,7 @@ class _Programs:
 
 @functools.lru_cache(maxsize=4)
 def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: str, codebook_weight: float,
-              extra_fn, extra_weight: float, seed: int, devices: tuple) -> _Programs:
+              extra_fn, extra_weight: float, warmup: int, seed: int, devices: tuple) -> _Programs:
     """The jitted init / train step / preview of one configuration (cached: a process that trains the
     same configuration again, e.g. when resuming, compiles once)."""
     import jax
@@ -441,13 +444,17 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
 
     def train_step(state, images_u8, key):
         x = pixels_from_uint8(images_u8)
+        if warmup > 0:
+            mix = jnp.clip((state["step"].astype(jnp.float32) - warmup) / warmup, 0.0, 1.0)
+        else:
+            mix = 1.0
 
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state["buffers"], copy=True)
-            recon, q = model(x, train=True, key=key)
+            recon, q = model(x, train=True, key=key, quantize_mix=mix)
             loss, terms = losses.vq_loss(
                 x, recon, q, recon_kind=recon_kind, beta=beta, codebook_weight=codebook_weight,
-                extra=extra_fn, extra_weight=extra_weight,
+                extra=extra_fn, extra_weight=extra_weight, step=state["step"],
             )
             return loss, (terms, q.codes, nnx.state(model, nnx.Not(nnx.Param)))
 
@@ -459,7 +466,7 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
-        metrics = {**terms, **losses.code_statistics(codes, k), "grad_norm": optax.global_norm(grads)}
+        metrics = {**terms, **losses.code_statistics(codes, k), "grad_norm": optax.tree.norm(grads), "quantize_mix": mix}
         return new_state, metrics
 
     def reconstruct(params, buffers, images_u8):

@@ -4,14 +4,16 @@ A perceptual (LPIPS-style) or adversarial loss needs network weights that this
 project does not ship. A user who has them registers a loss by name and sets
 `extra_loss=<name>` (and `extra_loss_weight`) in the training config:
 
-    def my_lpips(images, reconstructions):   # float [B, S, S, 3] in [-1, 1] -> scalar
+    def my_lpips(images, reconstructions, step):   # float [B, S, S, 3] in [-1, 1], int32 step -> scalar
         return lpips_apply(frozen_params, images, reconstructions).mean()
     vqvae.losses.register_extra_loss("lpips", my_lpips)
 
 The function runs inside the jitted train step, so it must be traceable; it may
-close over frozen weights (they become constants of the step). A trained
-discriminator (a GAN loss with its own optimizer) needs its own state in the
-train step and is not provided.
+close over frozen weights (they become constants of the step). `step` (the number
+of updates done before this one) lets a loss start late, as VQGAN's adversarial
+term does (`jnp.where(step >= start, loss, 0.0)`). A trained discriminator (a GAN
+loss with its own optimizer) needs its own state in the train step and is not
+provided.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import jax.numpy as jnp
 
 from vqvae.quantizers import Quantized
 
-ExtraLoss = Callable[[jax.Array, jax.Array], jax.Array]
+ExtraLoss = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 _EXTRA_LOSSES: dict[str, ExtraLoss] = {}
 
 
 def register_extra_loss(name: str, fn: ExtraLoss) -> None:
-    """Makes `fn(images, reconstructions) -> scalar` available as `extra_loss=name`."""
+    """Makes `fn(images, reconstructions, step) -> scalar` available as `extra_loss=name`."""
     _EXTRA_LOSSES[name] = fn
 
 
@@ -49,14 +51,14 @@ def reconstruction_loss(x, y, kind: Literal["l1", "l2"]) -> jax.Array:
 
 def vq_loss(
     images, reconstructions, q: Quantized, *, recon_kind: Literal["l1", "l2"], beta: float,
-    codebook_weight: float = 1.0, extra: ExtraLoss | None = None, extra_weight: float = 0.0,
+    codebook_weight: float = 1.0, extra: ExtraLoss | None = None, extra_weight: float = 0.0, step=0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """total = recon + codebook_weight * codebook + beta * commit (+ extra_weight * extra)."""
     recon = reconstruction_loss(images, reconstructions, recon_kind)
     total = recon + codebook_weight * q.codebook_loss + beta * q.commit_loss
     terms = {"recon": recon, "codebook": q.codebook_loss, "commit": q.commit_loss}
     if extra is not None and extra_weight:
-        terms["extra"] = extra(images, reconstructions)
+        terms["extra"] = extra(images, reconstructions, step)
         total = total + extra_weight * terms["extra"]
     return total, {"loss": total, **terms}
 

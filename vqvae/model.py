@@ -6,6 +6,8 @@ channels last. The quantizer's width is `cfg.code_dim`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -49,10 +51,15 @@ class VQModel(nnx.Module):
         """int codes [B, h, w] -> pixels [B, S, S, 3], unclamped float (≈[-1, 1])."""
         return self.decode_latents(self.quantize.lookup(codes_bhw))
 
-    def __call__(self, x_bhwc, *, train: bool = False, key=None) -> tuple[jax.Array, Quantized]:
-        """Reconstruction (unclamped) and the quantizer's output; `train` updates EMA codebooks."""
+    def __call__(self, x_bhwc, *, train: bool = False, key=None, quantize_mix=1.0) -> tuple[jax.Array, Quantized]:
+        """Reconstruction (unclamped) and the quantizer's output; `train` updates EMA codebooks.
+
+        quantize_mix < 1 decodes `z + mix * (z_q - z)`: 0 bypasses quantization (the training
+        warmup lets the encoder learn informative latents before codes are imposed).
+        """
         q = self.quantize(self.latents(x_bhwc), train=train, key=key)
-        return self.decode_latents(q.z_q), q
+        z_in = q.z_q if isinstance(quantize_mix, float) and quantize_mix == 1.0 else q.z + quantize_mix * (q.z_q - q.z)
+        return self.decode_latents(z_in), q
 
 
 def pixels_from_uint8(images_bhwc) -> jax.Array:
@@ -62,3 +69,22 @@ def pixels_from_uint8(images_bhwc) -> jax.Array:
 def uint8_from_pixels(x_bhwc) -> jax.Array:
     """Clamps to [-1, 1] and rounds to the nearest uint8 level."""
     return jnp.round((jnp.clip(x_bhwc, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_program(cfg: VQConfig):
+    def init(seed):
+        # RngBitGenerator keys: one compiled program, several times faster to build than threefry's.
+        return nnx.state(VQModel(cfg, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))))
+
+    return jax.jit(init)
+
+
+def create_model(cfg: VQConfig, seed: int = 0) -> VQModel:
+    """A freshly initialised model from one compiled init program (cached per config).
+
+    `VQModel(cfg, rngs=...)` run eagerly compiles every initializer separately; this is
+    the quicker way to get many models of one shape (tests, sweeps).
+    """
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: VQModel(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, _init_program(cfg)(seed))

@@ -37,10 +37,11 @@ class Quantized:
     codes: jax.Array  # [B, h, w] int32
     codebook_loss: jax.Array  # scalar: moves codes toward latents (0 where the codebook is not learned)
     commit_loss: jax.Array  # scalar: moves latents toward their codes (unweighted; the trainer applies beta)
+    z: jax.Array  # [B, h, w, D] the continuous latent the quantizer rounded (after its normalisation / bounding)
 
 
 jax.tree_util.register_dataclass(
-    Quantized, data_fields=["z_q", "codes", "codebook_loss", "commit_loss"], meta_fields=[]
+    Quantized, data_fields=["z_q", "codes", "codebook_loss", "commit_loss", "z"], meta_fields=[]
 )
 
 
@@ -80,7 +81,7 @@ class VectorQuantizer(nnx.Module):
         z_q = self.lookup(codes)
         codebook_loss = jnp.mean((z_q - jax.lax.stop_gradient(z_bhwd)) ** 2)
         commit_loss = jnp.mean((jax.lax.stop_gradient(z_q) - z_bhwd) ** 2)
-        return Quantized(_straight_through(z_bhwd, z_q), codes, codebook_loss, commit_loss)
+        return Quantized(_straight_through(z_bhwd, z_q), codes, codebook_loss, commit_loss, z_bhwd)
 
 
 class L2EMAQuantizer(nnx.Module):
@@ -124,7 +125,9 @@ class L2EMAQuantizer(nnx.Module):
                 raise ValueError("L2EMAQuantizer needs a PRNG key in training (dead-code restarts)")
             err_n = jnp.sum((jax.lax.stop_gradient(z_q - z_bhwd)).reshape(-1, d) ** 2, axis=1)
             self._ema_update(jax.lax.stop_gradient(z_nd), codes_n, err_n, key)
-        return Quantized(_straight_through(z_bhwd, z_q), codes_n.reshape(b, h, w), codebook_loss, commit_loss)
+        return Quantized(
+            _straight_through(z_bhwd, z_q), codes_n.reshape(b, h, w), codebook_loss, commit_loss, z_bhwd
+        )
 
     def _ema_update(self, z_nd, codes_n, err_n, key):
         k = self.codebook_size
@@ -181,7 +184,7 @@ class FSQ(nnx.Module):
         digits = jax.lax.stop_gradient(rounded).astype(jnp.int32) + self._half_width
         codes = jnp.sum(digits * self._basis, axis=-1).astype(jnp.int32)
         zero = jnp.zeros((), jnp.float32)
-        return Quantized(rounded / self._half_width, codes, zero, zero)
+        return Quantized(rounded / self._half_width, codes, zero, zero, bounded / self._half_width)
 
 
 def make_quantizer(cfg: VQConfig, rngs: nnx.Rngs):

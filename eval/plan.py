@@ -164,7 +164,8 @@ def state_leaves(trainer) -> list[Leaf]:
 SAVED_BY_POLICY = {
     "none": ("x", "attn_norm", "q", "k", "v", "qk_norm", "attn_mask", "attn_logits", "attn_exp", "attn_probs",
              "attn_softmax_stats", "attn_heads", "ffn_norm", "gate", "up", "silu", "hidden",
-             "attn_weights_compute_dtype", "mlp_weights_compute_dtype", "attn_dropout_mask", "ffn_dropout_mask"),
+             "attn_weights_compute_dtype", "mlp_weights_compute_dtype", "attn_out_weight_view", "attn_dropout_mask",
+             "ffn_dropout_mask"),
     "full": ("x",),
     # dots_with_no_batch_dims_saveable: the projections' outputs (their dot_generals have no
     # batch dimensions); attention's q.k and p.v contractions have batch dims and are recomputed.
@@ -271,6 +272,11 @@ def block_tensors(
         "up": T(f_c, "w3 x [B,T,F]", "mlp"),
         "silu": T(3 * f_c, "silu(w1 x): sigmoid, output, product terms [B,T,F]", "mlp"),
         "hidden": T(f_c, "silu(w1 x) * w3 x [B,T,F]", "mlp"),
+        # The output projection contracts heads and head_dim as one axis; autodiff keeps that [N*H, D]
+        # view of wo. When the compute dtype differs from the parameters', the cast copy (counted in
+        # attn_weights_compute_dtype) is what it keeps instead.
+        "attn_out_weight_view": T(size((n * h, d), ("heads", "embed"), c) if c == p else 0,
+                                  "[N*H, D] view of the attention output weight", "attn"),
         "attn_weights_compute_dtype": T(weights_c * attn_params // (attn_params + mlp_params),
                                         f"attention weights cast to {cfg.dtype}", "attn"),
         "mlp_weights_compute_dtype": T(weights_c * mlp_params // (attn_params + mlp_params),

@@ -1,4 +1,4 @@
-"""Importing VQGAN weights: taming-layout round trips and parity with Hugging Face's ChameleonVQVAE."""
+"""Importing taming-layout VQGAN weights: round trips through safetensors and torch checkpoints, clear errors."""
 
 import dataclasses
 
@@ -6,16 +6,15 @@ import numpy as np
 import pytest
 
 from vqvae import VQ_PRESETS, Tokenizer, load_tokenizer
-from vqvae.model import create_model
 from vqvae.convert import (
     ConversionError,
-    convert_hf,
     convert_taming,
     infer_taming_config,
     main,
     read_safetensors,
     to_taming_state_dict,
 )
+from vqvae.model import create_model
 
 # Level attention at 8 px and the middle attention: every kind of block is named and converted.
 CFG = dataclasses.replace(VQ_PRESETS["tiny"](), attn_resolutions=(8,))
@@ -92,42 +91,3 @@ def test_safetensors_reader_handles_bfloat16(tmp_path):
     np.testing.assert_array_equal(got["a"], a)
     assert got["a"].dtype == np.float32
     assert set(read_safetensors(tmp_path / "x.safetensors", keep=lambda n: n == "b")) == {"b"}
-
-
-@pytest.mark.hf
-def test_hugging_face_chameleon_vqvae_gives_the_same_codes(tmp_path):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
-
-    torch.manual_seed(0)
-    hf_cfg = ChameleonVQVAEConfig(
-        embed_dim=16, num_embeddings=64, latent_channels=32, resolution=32, base_channels=32,
-        channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[16],
-    )
-    hf = ChameleonVQVAE(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():  # non-trivial norms and biases too
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.normal_(0, 0.05)
-    x = _images(4, 32, seed=5)
-    pixels = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        latents = hf.quant_conv(hf.encoder(pixels)).permute(0, 2, 3, 1).reshape(-1, 16)
-        pick = torch.from_numpy(np.random.default_rng(6).choice(len(latents), 64, replace=False))
-        hf.quantize.embedding.weight.copy_(latents[pick] + 1e-3 * torch.randn(64, 16))
-        hf_codes = hf.encode(pixels).image_tokens.reshape(4, 16, 16).numpy()
-    hf.save_pretrained(tmp_path / "hf")
-
-    out = convert_hf(tmp_path / "hf", tmp_path / "tok")
-    tok = load_tokenizer(out)
-    assert tok.grid == (16, 16) and tok.codebook_size == 64 and not tok.can_decode
-    assert tok.config.attn_resolutions == (16,) and tok.config.mid_attention
-    ours = np.asarray(tok.model.latents(x / 127.5 - 1)).reshape(-1, 16)
-    np.testing.assert_allclose(ours, latents.numpy(), rtol=1e-4, atol=1e-4)
-    assert len(np.unique(hf_codes)) > 8
-    np.testing.assert_array_equal(np.asarray(tok.encode(x)), hf_codes)
-    with pytest.raises(ValueError, match="no decoder"):
-        tok.decode(tok.encode(x))

@@ -1,7 +1,9 @@
-"""Tokenizer training runs: a finished run is reused, a different model is refused, overwrite retrains."""
+"""Tokenizer training runs: a finished run is reused, a different model is refused, overwrite retrains;
+the folder data source."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from chameleon_jax import configlib
@@ -28,3 +30,18 @@ def test_finished_run_is_reused_and_overwrite_retrains(tmp_path, capsys):
     train_vq.run(dataclasses.replace(cfg, overwrite=True))
     assert (run / "tokenizer" / "tokenizer.json").stat().st_mtime_ns != stamp
     assert [r["step"] for r in read_metrics(run)] == [1, 2]  # a fresh run, not appended to the old one
+
+
+def test_folder_source_centre_crops_and_resizes(tmp_path):
+    from PIL import Image
+
+    for i, (w, h) in enumerate([(40, 20), (20, 40), (16, 16)]):
+        pic = np.zeros((h, w, 3), np.uint8)
+        pic[h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4] = (200, 10, 10)  # a red centre survives the crop
+        Image.fromarray(pic).save(tmp_path / f"{i}.png")
+    data = train_vq.VQDataConfig(source="folder", data_dir=str(tmp_path))
+    images = train_vq.load_images(data, "train", 16)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    assert (images[:, 8, 8, 0] > 150).all()
+    with pytest.raises(configlib.ConfigError, match="data.data_dir"):
+        train_vq.load_images(train_vq.VQDataConfig(source="folder"), "train", 16)

@@ -84,7 +84,7 @@ class VQTrainConfig:
     overwrite: bool = param(False, "start afresh even if run_dir holds a run or a finished tokenizer")
     steps: int = param(2000, "training steps")
     batch_size: int = param(32, "global batch (pictures per step), divisible by the device count")
-    recon_loss: Literal["l1", "l2"] = param("l2", "pixel reconstruction loss on the [-1, 1] scale")
+    recon_loss: Literal["l1", "l2", "l1+l2"] = param("l2", "pixel reconstruction loss on the [-1, 1] scale")
     quantize_warmup_steps: int = param(
         0, "decode continuous latents for this many steps, then blend in the quantized ones over as many more "
         "(0 = quantize from the start); the codebook follows the latents throughout"
@@ -115,7 +115,8 @@ def _shapes() -> VQTrainConfig:
         model=VQ_PRESETS["shapes"](),
         data=VQDataConfig(source="shapes"),
         optim=dataclasses.replace(VQTrainConfig().optim, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05),
-        steps=600, batch_size=32, recon_loss="l2", log_every=10, sample_every=200, checkpoint_every=200,
+        steps=1500, batch_size=16, recon_loss="l2", quantize_warmup_steps=60,
+        log_every=10, sample_every=250, checkpoint_every=250,
     )
 
 
@@ -286,6 +287,8 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     _check_compatible(run_dir, cfg)
     if cfg.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.optim.grad_accum != 1:
+        raise ConfigError("optim.grad_accum is not supported by train.vqvae (raise batch_size instead)")
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
@@ -375,7 +378,10 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
             if cfg.sample_every and done % cfg.sample_every == 0:
                 save_preview(done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                ckpt.save(done, state, {"data": data_iter.get_state()})
+                # One process: save a host copy. Orbax would otherwise gather every replica of every
+                # replicated array (slow on many local devices); several processes need the global arrays.
+                to_save = jax.device_get(state) if jax.process_count() == 1 else state
+                ckpt.save(done, to_save, {"data": data_iter.get_state()})
     finally:
         bar.close()
         writer.close()

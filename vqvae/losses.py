@@ -41,16 +41,19 @@ def get_extra_loss(name: str) -> ExtraLoss:
     return _EXTRA_LOSSES[name]
 
 
-def reconstruction_loss(x, y, kind: Literal["l1", "l2"]) -> jax.Array:
+def reconstruction_loss(x, y, kind: Literal["l1", "l2", "l1+l2"]) -> jax.Array:
+    """Mean absolute (l1), squared (l2) or both (l1+l2: l2's strong pull on large errors, l1's on small ones)."""
     if kind == "l1":
         return jnp.mean(jnp.abs(x - y))
     if kind == "l2":
         return jnp.mean((x - y) ** 2)
-    raise ValueError(f"unknown reconstruction loss {kind!r}; expected l1 or l2")
+    if kind == "l1+l2":
+        return jnp.mean(jnp.abs(x - y) + (x - y) ** 2)
+    raise ValueError(f"unknown reconstruction loss {kind!r}; expected l1, l2 or l1+l2")
 
 
 def vq_loss(
-    images, reconstructions, q: Quantized, *, recon_kind: Literal["l1", "l2"], beta: float,
+    images, reconstructions, q: Quantized, *, recon_kind: Literal["l1", "l2", "l1+l2"], beta: float,
     codebook_weight: float = 1.0, extra: ExtraLoss | None = None, extra_weight: float = 0.0, step=0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """total = recon + codebook_weight * codebook + beta * commit (+ extra_weight * extra)."""

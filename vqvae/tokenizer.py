@@ -209,5 +209,5 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     ckptr = ocp.StandardCheckpointer()
     restored = ckptr.restore(path / "params", target)
     ckptr.close()
-    nnx.replace_by_pure_dict(state, restored)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))  # device arrays, not host copies
     return Tokenizer(nnx.merge(graphdef, state), meta)

@@ -9,10 +9,8 @@ BLEU-4 and CIDEr-D against the example's reference captions.
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
-from chameleon_jax import configlib
 from chameleon_jax.data import shapes
 from eval import common
 from eval.text_metrics import bleu4, cider_d
@@ -59,10 +57,5 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
     return out
 
 
-def main(argv: list[str]) -> None:
-    cfg = configlib.apply_overrides(common.EvalConfig(), argv)
-    common.write_results(cfg.run_dir, "caption", evaluate(common.load_run_pipeline(cfg), cfg))
-
-
 if __name__ == "__main__":
-    configlib.main_guard(lambda: main(sys.argv[1:]))
+    common.cli("caption", evaluate)

@@ -30,6 +30,19 @@ class EvalConfig:
     data_dir: str = param("", "where the Shapes data set lives; empty = the default data directory")
 
 
+def cli(name: str, evaluate, **defaults) -> None:
+    """The command line of an evaluation: `python -m eval.<name> key=value ...` -> <run_dir>/eval/<name>.json."""
+    import sys
+
+    from chameleon_jax import configlib
+
+    def go():
+        cfg = configlib.apply_overrides(dataclasses.replace(EvalConfig(), **defaults), sys.argv[1:])
+        write_results(cfg.run_dir, name, evaluate(load_run_pipeline(cfg), cfg))
+
+    configlib.main_guard(go)
+
+
 def resolve_model_dir(cfg: EvalConfig) -> Path:
     if cfg.model_dir:
         return Path(cfg.model_dir)

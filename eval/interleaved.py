@@ -9,10 +9,7 @@ writes `<run_dir>/eval/interleaved.json`.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 
-from chameleon_jax import configlib
 from chameleon_jax.data import shapes
 from eval import common
 
@@ -55,10 +52,5 @@ def evaluate(pipe, cfg: common.EvalConfig, num_documents: int = 4) -> dict:
     return out
 
 
-def main(argv: list[str]) -> None:
-    cfg = configlib.apply_overrides(dataclasses.replace(common.EvalConfig(), num_examples=50), argv)
-    common.write_results(cfg.run_dir, "interleaved", evaluate(common.load_run_pipeline(cfg), cfg))
-
-
 if __name__ == "__main__":
-    configlib.main_guard(lambda: main(sys.argv[1:]))
+    common.cli("interleaved", evaluate, num_examples=50)

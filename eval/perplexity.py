@@ -10,15 +10,12 @@ tokens count (prompts carry no weight), as in the training loss.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import sys
 
 import jax
 import numpy as np
 from flax import nnx
 
-from chameleon_jax import configlib
 from chameleon_jax.data import shapes
 from chameleon_jax.losses import lm_loss_sums
 from chameleon_jax.sequence import SequenceConfig, encode_document, fit_to_row, pack
@@ -72,10 +69,5 @@ def evaluate(pipe, cfg: common.EvalConfig) -> dict:
     }
 
 
-def main(argv: list[str]) -> None:
-    cfg = configlib.apply_overrides(dataclasses.replace(common.EvalConfig(), num_examples=100, batch_size=8), argv)
-    common.write_results(cfg.run_dir, "perplexity", evaluate(common.load_run_pipeline(cfg), cfg))
-
-
 if __name__ == "__main__":
-    configlib.main_guard(lambda: main(sys.argv[1:]))
+    common.cli("perplexity", evaluate, num_examples=100, batch_size=8)

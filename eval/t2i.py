@@ -9,10 +9,7 @@ grid of prompts beside generations.
 
 from __future__ import annotations
 
-import dataclasses
-import sys
 
-from chameleon_jax import configlib
 from chameleon_jax.data import shapes
 from eval import common
 
@@ -64,10 +61,5 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
     return out
 
 
-def main(argv: list[str]) -> None:
-    cfg = configlib.apply_overrides(dataclasses.replace(common.EvalConfig(), num_examples=100), argv)
-    common.write_results(cfg.run_dir, "t2i", evaluate(common.load_run_pipeline(cfg), cfg))
-
-
 if __name__ == "__main__":
-    configlib.main_guard(lambda: main(sys.argv[1:]))
+    common.cli("t2i", evaluate, num_examples=100)

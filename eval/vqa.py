@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import sys
 from collections import defaultdict
 
-from chameleon_jax import configlib
 from chameleon_jax.data import shapes
 from eval import common
 
@@ -39,10 +37,5 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
     return out
 
 
-def main(argv: list[str]) -> None:
-    cfg = configlib.apply_overrides(common.EvalConfig(), argv)
-    common.write_results(cfg.run_dir, "vqa", evaluate(common.load_run_pipeline(cfg), cfg))
-
-
 if __name__ == "__main__":
-    configlib.main_guard(lambda: main(sys.argv[1:]))
+    common.cli("vqa", evaluate)

@@ -114,9 +114,9 @@ def _shapes() -> VQTrainConfig:
     return VQTrainConfig(
         model=VQ_PRESETS["shapes"](),
         data=VQDataConfig(source="shapes"),
-        optim=dataclasses.replace(VQTrainConfig().optim, lr=2e-3, warmup_steps=50, min_lr_ratio=0.05),
-        steps=1500, batch_size=16, recon_loss="l2", quantize_warmup_steps=60,
-        log_every=10, sample_every=250, checkpoint_every=250,
+        optim=dataclasses.replace(VQTrainConfig().optim, lr=2e-3, warmup_steps=100, min_lr_ratio=0.05),
+        steps=3000, batch_size=8, recon_loss="l2", quantize_warmup_steps=120,
+        log_every=20, sample_every=500, checkpoint_every=500,
     )
 
 
@@ -305,7 +305,8 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     preview = load_images(cfg.data, cfg.data.preview_split, size, limit=16)
     if len(images) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(images)} training pictures")
-    _log(f"{len(images)} training pictures {images.shape[1:]} loaded in {time.perf_counter() - t0:.1f}s")
+    data_s = time.perf_counter() - t0
+    _log(f"{len(images)} training pictures {images.shape[1:]} loaded in {data_s:.1f}s")
     n_proc, proc = jax.process_count(), jax.process_index()
     rows = cfg.batch_size // n_proc
     dataset = (
@@ -394,7 +395,7 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     save_tokenizer(model, run_dir / "tokenizer", source="trained", step=cfg.steps, run_dir=str(run_dir.absolute()))
     figures = {"vq_train_steps": cfg.steps, "vq_codes_per_image": cfg.model.codes_per_image}
     if start < cfg.steps:
-        figures.update({"vq_train_seconds": train_s, "vq_compile_seconds": compile_s or 0.0})
+        figures.update({"vq_train_seconds": train_s, "vq_compile_seconds": compile_s or 0.0, "vq_data_seconds": data_s})
     update_headline(run_dir / "metrics.json", figures)
     try:
         plot_curves(run_dir, ["loss", "recon", "commit"], run_dir / "vq_loss.png", title="tokenizer training")

@@ -104,6 +104,7 @@ def _shapes() -> VQConfig:
     return VQConfig(
         image_size=64, base_channels=16, channel_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(),
         mid_attention=True, norm_groups=2, z_channels=32, embed_dim=8, quantizer="l2_ema", codebook_size=512,
+        dead_code_threshold=0.25,
     )
 
 

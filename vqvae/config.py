@@ -93,18 +93,18 @@ def _tiny() -> VQConfig:
 
 
 def _shapes() -> VQConfig:
-    """Shapes 64 px -> 8x8 = 64 codes of 512 (see train/vqvae.py for why this shape).
+    """Shapes 64 px -> 8x8 = 64 codes of 512 (FSQ levels 8, 8, 8); see train/vqvae.py for the runs behind it.
 
     Channels 16, 16, 32, 64 at 64, 32, 16, 8 px. GroupNorm with 2 groups, i.e. at
     least 8 channels per group: with 1-2 channels per group each norm rescales a
     channel by its own per-picture statistics, which erases which palette colour
-    a flat object has (runs with 8 groups reconstructed every object in one
-    average colour for hundreds of steps).
+    a flat object has (runs with 8 groups drew every object in one average colour
+    for hundreds of steps).
     """
     return VQConfig(
         image_size=64, base_channels=16, channel_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(),
-        mid_attention=True, norm_groups=2, z_channels=32, embed_dim=8, quantizer="l2_ema", codebook_size=512,
-        dead_code_threshold=0.25,
+        mid_attention=True, norm_groups=2, z_channels=32, embed_dim=8, quantizer="fsq", fsq_levels=(8, 8, 8),
+        codebook_size=512,
     )
 
 

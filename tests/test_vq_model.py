@@ -100,3 +100,17 @@ def test_config_validation_names_the_problem():
         validate(_tiny(quantizer="fsq", fsq_levels=(8, 5, 5, 5), codebook_size=64))
     released = VQ_PRESETS["chameleon"]()
     assert released.grid == (32, 32) and released.codes_per_image == 1024 and released.codebook_size == 8192
+
+
+def test_patch_encoder_codes_depend_on_their_own_patch_only():
+    model = create_model(_tiny(encoder="patch"), 0)
+    x = np.asarray(_images(1, 16, seed=3), np.float32) / 127.5 - 1.0
+    y = x.copy()
+    y[:, :4, :4] = -x[:, :4, :4]  # change only the top-left 4x4 patch (factor 4)
+    lx, ly = np.asarray(model.latents(x)), np.asarray(model.latents(y))
+    assert not np.allclose(lx[:, 0, 0], ly[:, 0, 0])
+    np.testing.assert_array_equal(lx[:, 1:], ly[:, 1:])
+    np.testing.assert_array_equal(lx[:, 0, 1:], ly[:, 0, 1:])
+    # The conv encoder, by contrast, lets one patch move codes far from it.
+    conv = create_model(_tiny(), 0)
+    assert not np.allclose(np.asarray(conv.latents(x))[:, 3, 3], np.asarray(conv.latents(y))[:, 3, 3])

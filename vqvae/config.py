@@ -21,6 +21,12 @@ class VQConfig:
     channel_mult: tuple[int, ...] = param((1, 1, 2, 2, 4), "channel multiplier per level; len-1 downsamplings by 2")
     num_res_blocks: int = param(2, "res blocks per encoder level (the decoder has one more)")
     attn_resolutions: tuple[int, ...] = param((), "feature-map sides at which levels add an attention block after each res block")
+    encoder: Literal["vqgan", "patch"] = param(
+        "vqgan",
+        "vqgan: the taming/Chameleon conv encoder (each code sees the whole picture through GroupNorm, mid "
+        "attention and wide receptive fields); patch: each code is computed from its own patch alone "
+        "(stride-f patch projection + per-position MLPs), so equal patches always get equal codes",
+    )
     mid_attention: bool = param(True, "single-head attention in the middle blocks (taming 'vanilla')")
     norm_groups: int = param(32, "GroupNorm groups (every channel count must be divisible by it)")
     norm_eps: float = param(1e-6, "GroupNorm epsilon")

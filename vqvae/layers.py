@@ -155,6 +155,36 @@ class Encoder(nnx.Module):
         return self.conv_out(swish(self.norm_out(h)))
 
 
+class PatchEncoder(nnx.Module):
+    """Pixels [B, S, S, 3] -> latents [B, S/f, S/f, z_channels], each a function of its own f x f patch only.
+
+    A stride-f patch projection, then `num_res_blocks` per-position residual MLPs
+    (LayerNorm over channels, 1x1 convs): nothing mixes neighbouring patches, so a
+    patch always gets the same code whatever else is in the picture (plain
+    background is one code everywhere), unlike the conv encoder, whose GroupNorm,
+    mid attention and receptive field let every code depend on the whole picture.
+    The decoder keeps its full spatial context. It trains about 2.4x faster than
+    the `shapes` conv encoder; on Shapes it reached 36.1 dB but a lower judge
+    accuracy (97.8%) and codebook usage (80%), and a 400-step language-model run on
+    its codes read pictures no better than one on the conv encoder's.
+    """
+
+    def __init__(self, cfg: VQConfig, rngs: nnx.Rngs):
+        f, width = cfg.downsample_factor, cfg.base_channels * cfg.channel_mult[-1]
+        self.conv_in = nnx.Conv(3, width, (f, f), strides=f, padding="VALID", rngs=rngs)
+        self.norms = nnx.List([nnx.LayerNorm(width, rngs=rngs) for _ in range(cfg.num_res_blocks)])
+        self.fc1 = nnx.List([conv(width, 2 * width, 1, rngs) for _ in range(cfg.num_res_blocks)])
+        self.fc2 = nnx.List([conv(2 * width, width, 1, rngs) for _ in range(cfg.num_res_blocks)])
+        self.norm_out = nnx.LayerNorm(width, rngs=rngs)
+        self.conv_out = conv(width, cfg.z_channels, 1, rngs)
+
+    def __call__(self, x_bhwc):
+        h = self.conv_in(x_bhwc)
+        for norm, fc1, fc2 in zip(self.norms, self.fc1, self.fc2):
+            h = h + fc2(swish(fc1(norm(h))))
+        return self.conv_out(swish(self.norm_out(h)))
+
+
 class Decoder(nnx.Module):
     """Latents [B, s, s, z_channels] -> pixels [B, S, S, 3] (unclamped; callers clamp to [-1, 1])."""
 

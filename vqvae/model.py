@@ -21,7 +21,7 @@ class VQModel(nnx.Module):
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         validate(cfg)
         self.cfg = cfg
-        self.encoder = layers.Encoder(cfg, rngs)
+        self.encoder = layers.PatchEncoder(cfg, rngs) if cfg.encoder == "patch" else layers.Encoder(cfg, rngs)
         self.quant_conv = layers.conv(cfg.z_channels, cfg.code_dim, 1, rngs)
         self.quantize = make_quantizer(cfg, rngs)
         if cfg.decoder:

@@ -66,6 +66,10 @@ class LMDataConfig:
     caption_weight: float = param(1.0, "Shapes mixture weight: image -> caption")
     t2i_weight: float = param(1.0, "Shapes mixture weight: caption -> image")
     vqa_weight: float = param(1.0, "Shapes mixture weight: image + question -> answer")
+    vqa_questions_per_doc: int = param(
+        0, "questions (each with its answer) per training VQA document about one picture; 0 = all of the "
+           "example's questions, 1 = one-question documents as in the evaluation"
+    )
     interleaved_weight: float = param(0.5, "Shapes mixture weight: interleaved text/image documents")
     interleaved_docs: int = param(2000, "interleaved (edit) Shapes documents per split to draw from; 0 = one per example")
     jsonl_train: str = param("", "JSON Lines file of training documents (source=jsonl)")
@@ -243,6 +247,7 @@ class ShapesSource:
             raise ValueError("every Shapes task weight is 0; give at least one a positive weight")
         w = np.array([weights[t] for t in self.tasks], np.float64)
         self.probs = w / w.sum()
+        self.vqa_questions = cfg.vqa_questions_per_doc
         n_examples = cfg.train_examples if split == cfg.train_split else cfg.eval_examples
         kw = dict(sizes={split: n_examples} if n_examples else None, backend=cfg.shapes_backend)
         self.name = f"shapes-{split}-{cfg.image_size}-{n_examples or 'default'}"
@@ -264,8 +269,7 @@ class ShapesSource:
             return self.shapes.caption_document(example, rng)
         if task == "t2i":
             return self.shapes.t2i_document(example, rng)
-        docs = self.shapes.vqa_documents(example)
-        return docs[int(rng.integers(len(docs)))]
+        return self.shapes.vqa_dialogue_document(example, rng, self.vqa_questions)
 
     def images(self) -> list[np.ndarray]:
         """Every image the stream can show (the split's pictures and the interleaved ones)."""

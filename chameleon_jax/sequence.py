@@ -13,6 +13,7 @@ and modality of *predicting it* from the tokens before it:
     <boi>          text       text_weight  (0 in a prompt): the model must learn to open images
     image code     image      image_weight (0 in a prompt)
     <eoi>          image      image_weight (0 in a prompt)
+    <eot>          text       after a text segment with end_turn (a dialogue turn), as its text
     <eos>          text       text_weight if the last segment is a target, else 0
 
 Rows are packed greedily in order: documents are appended to the current row while
@@ -131,6 +132,8 @@ def encode_document(
             add([vocab.eoi_id], iw, IMAGE)
         elif seg.text:
             add(vocab.encode_text(seg.text), tw, TEXT)
+            if getattr(seg, "end_turn", False):
+                add([vocab.eot_id], tw, TEXT)
     last_target = bool(getattr(segments[-1], "is_target", True))
     add([vocab.eos_id], cfg.text_weight if last_target else 0.0, TEXT)
     return EncodedDocument(

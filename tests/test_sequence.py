@@ -71,6 +71,26 @@ def test_prompt_image_and_question_get_no_loss(vocab):
     assert enc.ids[boi + 7] == vocab.eoi_id and enc.weights[boi] == 0 and enc.weights[boi + 7] == 0
 
 
+def test_dialogue_turns_end_with_a_trained_eot(vocab):
+    doc = Document(
+        (Segment(image=_image(1), is_target=False), Segment(text="what colour is it?", is_target=False),
+         Segment(text="green", end_turn=True), Segment(text="two stars", is_target=False),
+         Segment(text="a red circle", end_turn=True)),
+        task="vqa",
+    )
+    enc = encode_document(doc, vocab, _codes, CFG)
+    ids = enc.ids.tolist()
+    first, second = vocab.encode_text("green"), vocab.encode_text("a red circle")
+    assert ids[-2 - len(second):] == [*second, vocab.eot_id, vocab.eos_id]
+    eots = [i for i, t in enumerate(ids) if t == vocab.eot_id]
+    assert len(eots) == 2 and ids[eots[0] - len(first): eots[0]] == first
+    assert enc.weights[eots].tolist() == [1.0, 1.0]  # the model learns where a turn ends
+    asked = eots[0] + 1
+    assert (enc.weights[asked: asked + len(vocab.encode_text("two stars"))] == 0).all()
+    with pytest.raises(ValueError, match="end_turn"):
+        Segment(image=_image(0), end_turn=True)
+
+
 def test_packing_segments_positions_targets_and_padding(vocab):
     docs = [
         Document((Segment(text="a red circle"),)),

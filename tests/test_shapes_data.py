@@ -195,6 +195,14 @@ def test_task_documents():
         assert d.task == "vqa" and [s.is_target for s in d.segments] == [False, False, True]
         assert d.segments[1].text == q and d.segments[2].text == a
         assert d.meta["question_type"] == t and d.meta["answer"] == a
+    # The training form: every question about the picture, each answer a target ending its turn.
+    dialogue = shapes.vqa_dialogue_document(ex, np.random.default_rng(1))
+    segs = dialogue.segments
+    assert dialogue.task == "vqa" and segs[0].kind == "image" and not segs[0].is_target
+    asked = [(q.text, a.text) for q, a in zip(segs[1::2], segs[2::2])]
+    assert sorted(asked) == sorted(zip(ex["questions"], ex["answers"]))
+    assert all(not q.is_target and a.is_target and a.end_turn for q, a in zip(segs[1::2], segs[2::2]))
+    assert len(shapes.vqa_dialogue_document(ex, np.random.default_rng(1), max_questions=2).segments) == 5
 
 
 @pytest.mark.parametrize("split", spec.SPLITS)

@@ -25,11 +25,14 @@ class Segment:
     """Exactly one of `text` (a non-empty str) and `image` (uint8 [H, W, 3]) is set.
 
     is_target: False for prompt parts, on which the LM gets no loss.
+    end_turn: text only: an `<eot>` follows the text (the end of one turn of a dialogue,
+    where generation stops), weighted like the text.
     """
 
     text: str | None = None
     image: np.ndarray | None = None
     is_target: bool = True
+    end_turn: bool = False
 
     def __post_init__(self):
         if (self.text is None) == (self.image is None):
@@ -37,6 +40,8 @@ class Segment:
             raise ValueError(f"a Segment needs exactly one of text and image, got {which}")
         if not isinstance(self.is_target, bool):
             raise ValueError(f"Segment.is_target must be a bool, got {self.is_target!r}")
+        if not isinstance(self.end_turn, bool) or (self.end_turn and self.text is None):
+            raise ValueError(f"Segment.end_turn must be a bool and only set on text, got {self.end_turn!r}")
         if self.text is not None:
             if not isinstance(self.text, str):
                 raise ValueError(f"Segment.text must be a str, got {type(self.text).__name__}")

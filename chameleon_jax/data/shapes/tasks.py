@@ -56,6 +56,30 @@ def vqa_documents(example: Mapping[str, Any]) -> list[Document]:
     return docs
 
 
+def vqa_dialogue_document(example: Mapping[str, Any], rng: np.random.Generator, max_questions: int = 0) -> Document:
+    """[image (prompt), q1 (prompt), a1 <eot> (target), q2 (prompt), a2 <eot> (target), ...]: several
+    of the example's questions about one picture, in an order picked with `rng` (0 = all of them).
+
+    The training form of VQA: one picture's codes serve every answer after it, so a row
+    carries several answers per picture instead of one. The first question follows the
+    picture directly, as in the one-question evaluation prompt, and every answer ends its
+    turn with `<eot>`, where generation stops, so an answer is never run on into a question.
+    """
+    qas = list(zip(example["questions"], example["answers"], example["question_types"]))
+    order = rng.permutation(len(qas))
+    if max_questions > 0:
+        order = order[:max_questions]
+    segments = [Segment(image=example["image"], is_target=False)]
+    for i in order:
+        q, a, _ = qas[int(i)]
+        segments += [Segment(text=q, is_target=False), Segment(text=a, end_turn=True)]
+    return Document(
+        tuple(segments), task="vqa",
+        meta={"objects": records.example_objects(example), "questions": [qas[int(i)] for i in order],
+              "index": int(example["index"])},
+    )
+
+
 def edit_document(example: Mapping[str, Any], split: str, seed: int = 0) -> Document:
     """[image, edit sentence, image(, edit sentence, image)]: one or two single-attribute edits of the
     example's scene, each told in words ("the red circle becomes blue.") and then shown.

@@ -193,7 +193,7 @@ def test_task_documents():
     assert len(vqa) == len(ex["questions"])
     for d, q, a, t in zip(vqa, ex["questions"], ex["answers"], ex["question_types"]):
         assert d.task == "vqa" and [s.is_target for s in d.segments] == [False, False, True]
-        assert d.segments[1].text == q and d.segments[2].text == a
+        assert d.segments[1].text == q and d.segments[2].text == a and d.segments[2].end_turn
         assert d.meta["question_type"] == t and d.meta["answer"] == a
     # The training form: every question about the picture, each answer a target ending its turn.
     dialogue = shapes.vqa_dialogue_document(ex, np.random.default_rng(1))

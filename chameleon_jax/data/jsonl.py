@@ -6,7 +6,8 @@ Keys of a document: "segments" (required, non-empty list), "task" (optional, one
 of documents.TASKS, default "document") and "meta" (optional object). Keys of a
 segment: exactly one of "text" (string) and "image" (a path relative to the
 JSONL file's folder, or absolute), and optionally "target" (bool, default true;
-false marks a prompt part). Blank lines are allowed and skipped. Anything else
+false marks a prompt part); a text segment may also say "end_turn": true (an `<eot>`
+follows it: the end of one turn of a dialogue). Blank lines are allowed and skipped. Anything else
 raises DataError naming the file and the line: no document is ever dropped
 silently.
 
@@ -28,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from chameleon_jax.data.documents import TASKS, DataError, Document, Segment
 
 _DOC_KEYS = ("segments", "task", "meta")
-_SEGMENT_KEYS = ("text", "image", "target")
+_SEGMENT_KEYS = ("text", "image", "target", "end_turn")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -72,7 +73,12 @@ def _segment(raw: Any, where: str, base: Path, cache: dict[Path, np.ndarray]) ->
         text = raw["text"]
         if not isinstance(text, str) or not text:
             raise DataError(f"{where}: 'text' must be a non-empty string, got {text!r}")
-        return Segment(text=text, is_target=target)
+        end_turn = raw.get("end_turn", False)
+        if not isinstance(end_turn, bool):
+            raise DataError(f"{where}: 'end_turn' must be true or false, got {end_turn!r}")
+        return Segment(text=text, is_target=target, end_turn=end_turn)
+    if "end_turn" in raw:
+        raise DataError(f"{where}: 'end_turn' belongs on a text segment, not an image")
     rel = raw["image"]
     if not isinstance(rel, str) or not rel:
         raise DataError(f"{where}: 'image' must be a path string, got {rel!r}")
@@ -155,6 +161,8 @@ def write_jsonl(documents: Iterable[Document], path: str | os.PathLike, image_di
                     entry = {"text": s.text}
                 if not s.is_target:
                     entry["target"] = False
+                if s.end_turn:
+                    entry["end_turn"] = True
                 segments.append(entry)
             record = {"segments": segments}
             if doc.task != "document":

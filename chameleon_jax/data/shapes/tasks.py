@@ -41,13 +41,18 @@ def t2i_document(example: Mapping[str, Any], rng: np.random.Generator) -> Docume
 
 
 def vqa_documents(example: Mapping[str, Any]) -> list[Document]:
-    """One document per question: [image (prompt), question (prompt), answer (target)]."""
+    """One document per question: [image (prompt), question (prompt), answer <eot> (target)].
+
+    The evaluation form; the answer ends its turn as in the training dialogues
+    (`vqa_dialogue_document`), so a teacher-forced score sees the same layout.
+    """
     objects = records.example_objects(example)
     docs = []
     for q, a, t in zip(example["questions"], example["answers"], example["question_types"]):
         docs.append(
             Document(
-                (Segment(image=example["image"], is_target=False), Segment(text=q, is_target=False), Segment(text=a)),
+                (Segment(image=example["image"], is_target=False), Segment(text=q, is_target=False),
+                 Segment(text=a, end_turn=True)),
                 task="vqa",
                 meta={"objects": objects, "question": q, "answer": a, "question_type": t,
                       "index": int(example["index"])},

@@ -41,8 +41,8 @@ class ModelConfig:
     remat_policy: Literal["none", "full", "save_dots", "save_names"] = param(
         "none", "activation rematerialisation of each block: none, recompute all, keep matmul outputs, keep named outputs"
     )
-    attention_impl: Literal["auto", "xla", "cudnn", "naive"] = param(
-        "auto", "attention kernel: auto picks cudnn flash attention on GPU and xla elsewhere"
+    attention_impl: Literal["auto", "xla", "cudnn", "chunked", "naive"] = param(
+        "auto", "attention kernel: auto picks cudnn flash attention on GPU, chunked on CPU and xla elsewhere"
     )
     initializer_range: float = param(0.02, "stddev of the normal initialiser for weights")
     qk_norm_eps: float = param(1e-5, "QK LayerNorm epsilon (the released models use 1e-5 whatever norm_eps is)")

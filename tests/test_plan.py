@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A block big enough that the small per-token residuals the activation model leaves out
 # (norm statistics, RoPE tables: a few values per token) are under 3% of the total.
-BLOCK_CFG = ModelConfig(hidden_dim=256, num_heads=8, num_kv_heads=8, head_dim=32, ffn_dim=768, max_seq_len=128)
+BLOCK_CFG = ModelConfig(hidden_dim=256, num_heads=8, num_kv_heads=8, head_dim=32, ffn_dim=768, max_seq_len=128,
+                        attention_impl="xla")  # the kernel the planner is asked about below
 
 
 _ITEMSIZE = {"f32": 4, "bf16": 2, "f16": 2, "bool": 1, "i32": 4, "u32": 4, "i8": 1, "u8": 1}

@@ -24,7 +24,7 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from chameleon_jax.generation import SamplingParams, generate_tokens, resolve_guidance
+from chameleon_jax.generation import SamplingParams, freeze, generate_tokens, resolve_guidance
 from chameleon_jax.generation.decode import DecodeResult
 
 Segment = Union[str, np.ndarray]
@@ -45,6 +45,10 @@ class Pipeline:
     `cfg`). tokenizer: has `encode(uint8 [B,H,W,3]) -> int [B,h,w]`,
     `decode(codes) -> uint8 images`, `codes_per_image`, and optionally
     `image_size`, `grid`, `can_decode`.
+
+    The model is split once, on the first generation, and reused. The split shares
+    the model's variables, so weights updated in place are used; after replacing
+    variables or submodules, call `refresh()` (assigning a new `model` refreshes too).
     """
 
     def __init__(self, model, vocab, tokenizer=None):
@@ -54,6 +58,18 @@ class Pipeline:
         if tokenizer is not None and getattr(tokenizer, "codebook_size", vocab.codebook_size) != vocab.codebook_size:
             raise ValueError(f"the image tokenizer has {tokenizer.codebook_size} codes but the vocabulary "
                              f"{vocab.codebook_size}: they do not belong together")
+
+    @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        self._model, self._frozen = model, None
+
+    def refresh(self) -> None:
+        """Forgets the split of the model taken for generation (after its structure changed)."""
+        self._frozen = None
 
     @classmethod
     def from_parts(cls, model, vocab, tokenizer=None) -> "Pipeline":
@@ -189,8 +205,10 @@ class Pipeline:
             self._require_tokenizer("modality='image'")
         if max_new_tokens is None:
             max_new_tokens = default_max_new_tokens(modality, self.codes_per_image)
+        if self._frozen is None:
+            self._frozen = freeze(self.model)
         return generate_tokens(
-            self.model, self.vocab, prompts, modality=modality, max_new_tokens=max_new_tokens,
+            self._frozen, self.vocab, prompts, modality=modality, max_new_tokens=max_new_tokens,
             text=SamplingParams(temperature, top_k, top_p),
             image=SamplingParams(image_temperature, image_top_k, image_top_p),
             guidance=resolve_guidance(cfg_scale, cfg_image_scale, cfg_text_scale),

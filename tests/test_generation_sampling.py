@@ -84,3 +84,16 @@ def test_image_only_prompt_keeps_whole_images_and_drops_text():
     bos, boi, eoi = 0, 8, 9
     assert image_only_prompt([bos, 5, boi, 20, 21, eoi, 6, boi, 22, eoi, 7], bos_id=bos, boi_id=boi, eoi_id=eoi) == [
         bos, boi, 20, 21, eoi, boi, 22, eoi]
+
+
+def test_first_argmax_and_the_gumbel_draw_match_jax():
+    from chameleon_jax.generation.sampling import first_argmax
+
+    logits = jax.random.normal(jax.random.key(1), (6, 300)) * 3
+    logits = logits.at[:, 40:].set(-jnp.inf).at[0].set(-jnp.inf).at[1, 7].set(9.0).at[1, 3].set(9.0)
+    np.testing.assert_array_equal(first_argmax(logits), jnp.argmax(logits, axis=-1))  # ties: first index
+    rows = jnp.arange(6)
+    for seed in range(5):
+        key = jax.random.key(seed)
+        want = jax.vmap(jax.random.categorical)(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows), logits)
+        np.testing.assert_array_equal(choose_tokens(key, rows, logits, jnp.ones(6)), want)

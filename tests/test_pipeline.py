@@ -73,3 +73,24 @@ def test_bad_prompt_images_and_oversized_prompts_are_named():
         pipe.generate(["fine", ["bad", RED.astype(np.float32)]])
     with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens"):
         pipe.generate(["fine", "z" * 200])
+
+
+def test_the_pipeline_split_follows_weights_and_model_changes():
+    import jax
+    from flax import nnx
+
+    from tests.test_generation_fixtures import tiny_model
+
+    pipe = Pipeline(tiny_model(0), VOCAB)
+    prompt = [[BOS] + VOCAB.encode_text("a")]
+    run = lambda p: p.generate_ids(prompt, max_new_tokens=8, ignore_eos=True).tokens
+    first = run(pipe)
+    other = run(Pipeline(tiny_model(1), VOCAB))
+    assert other != first
+    # Weights put in place are used by the split the pipeline keeps.
+    nnx.update(pipe.model, jax.tree.map(lambda x: x, nnx.state(tiny_model(1))))
+    assert run(pipe) == other
+    pipe.refresh()
+    assert run(pipe) == other
+    pipe.model = tiny_model(0)  # assigning a model takes a new split
+    assert run(pipe) == first

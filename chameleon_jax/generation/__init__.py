@@ -6,8 +6,8 @@
 - decode.py: prefill + `lax.while_loop` over a fixed KV cache (`generate_tokens`)
 """
 
-from chameleon_jax.generation.decode import DecodeResult, generate_tokens
+from chameleon_jax.generation.decode import DecodeResult, FrozenModel, freeze, generate_tokens
 from chameleon_jax.generation.guidance import Guidance, resolve_guidance
 from chameleon_jax.generation.sampling import SamplingParams
 
-__all__ = ["DecodeResult", "Guidance", "SamplingParams", "generate_tokens", "resolve_guidance"]
+__all__ = ["DecodeResult", "FrozenModel", "Guidance", "freeze", "SamplingParams", "generate_tokens", "resolve_guidance"]

@@ -198,12 +198,13 @@ def bench_preset(preset: str, cfg: BenchConfig, work: Path) -> tuple[list[dict],
 
 def bench_images(cfg: BenchConfig, model_dir: Path) -> list[dict]:
     from chameleon_jax.checkpoint import load_model
-    from chameleon_jax.generation import Guidance, SamplingParams, generate_tokens
+    from chameleon_jax.generation import Guidance, SamplingParams, freeze, generate_tokens
     from chameleon_jax.vocab import Vocabulary
 
     vocab = Vocabulary.from_chameleon_tokenizer(model_dir / "chameleon_tokenizer.json")
     context = cfg.prompt_len + max(cfg.image_codes) + 2
     model = load_model(model_dir, overrides={"max_seq_len": max(context, MODEL_PRESETS[cfg.image_preset]().max_seq_len)})
+    model = freeze(model)  # split once, as the Pipeline does: both timings are the decode alone
     prompts = random_prompts(vocab, 1, cfg.prompt_len, np.random.default_rng(cfg.seed))
     rows = []
     for codes in cfg.image_codes:

@@ -66,6 +66,16 @@ def resolve_implementation(impl: str, dtype, head_dim: int, backend: str | None 
     return "cudnn" if backend == "gpu" and cudnn_ok else "xla"
 
 
+def _allowed(start: int, end: int, keys: int, mask_b1ts, is_causal: bool) -> jax.Array:
+    """bool [B|1, 1, 1, end - start, keys]: which of the first `keys` keys queries [start, end) may see."""
+    allowed = jnp.ones((1, 1, 1, end - start, keys), bool)
+    if is_causal:
+        allowed = allowed & (jnp.arange(keys)[None, :] <= jnp.arange(start, end)[:, None])
+    if mask_b1ts is not None:
+        allowed = allowed & mask_b1ts[:, :, None, start:end, :keys]
+    return allowed
+
+
 def naive_attention(q_btnh, k_bskh, v_bskh, mask_b1ts=None, *, is_causal: bool = False) -> jax.Array:
     """Explicit softmax(q k^T / sqrt(h)) v with grouped query heads; float32 logits."""
     b, t, n, h = q_btnh.shape
@@ -73,12 +83,7 @@ def naive_attention(q_btnh, k_bskh, v_bskh, mask_b1ts=None, *, is_causal: bool =
     q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
     logits = logits * (h ** -0.5)
-    s = k_bskh.shape[1]
-    allowed = jnp.ones((1, 1, 1, t, s), bool)
-    if is_causal:
-        allowed = allowed & jnp.tril(jnp.ones((t, s), bool))
-    if mask_b1ts is not None:
-        allowed = allowed & mask_b1ts[:, :, None]
+    allowed = _allowed(0, t, k_bskh.shape[1], mask_b1ts, is_causal)
     logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v_bskh.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
@@ -110,12 +115,7 @@ def chunked_attention(q_btnh, k_bskh, v_bskh, mask_b1ts=None, *, is_causal: bool
         keys = end if is_causal else s
         logits = jnp.einsum("btkgh,bskh->bkgts", q_btkgh[:, start:end], k_bskh[:, :keys],
                             preferred_element_type=jnp.float32)
-        allowed = jnp.ones((1, 1, 1, end - start, keys), bool)
-        if is_causal:
-            allowed = allowed & (jnp.arange(keys)[None, :] <= jnp.arange(start, end)[:, None])
-        if mask_b1ts is not None:
-            allowed = allowed & mask_b1ts[:, :, None, start:end, :keys]
-        logits = jnp.where(allowed, logits, neg)
+        logits = jnp.where(_allowed(start, end, keys, mask_b1ts, is_causal), logits, neg)
         weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
         out_btkgh = jnp.einsum("bkgts,bskh->btkgh", weights.astype(v_bskh.dtype), v_bskh[:, :keys])
         total_btkg = jnp.transpose(jnp.sum(weights, axis=-1), (0, 3, 1, 2))

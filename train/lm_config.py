@@ -88,7 +88,8 @@ def demo() -> LMTrainConfig:
     cfg = small()
     # Sized to fit the 30-minute demo on 2 CPU cores (about 1.25 s per step of 16 x 384 tokens
     # with the chunked attention kernel; 1.6 s with XLA's).
-    # lr 3e-3 reached eval loss 0.67 at step 400 where 1e-3 was at 0.80 at step 500. Interleaved
+    # lr 3e-3 (with the FSQ tokenizer) reached eval loss 0.67 at step 400, where lr 1e-3 with the
+    # previous tokenizer was at 0.80 at step 500 (both changed at once). Interleaved
     # documents are long and not among the headline goals: weight 0.25 leaves more rows to
     # captioning, VQA and text-to-image.
     return dataclasses.replace(

@@ -40,6 +40,11 @@ def t2i_document(example: Mapping[str, Any], rng: np.random.Generator) -> Docume
     )
 
 
+def _vqa_turn(question: str, answer: str) -> tuple[Segment, Segment]:
+    """A question (prompt) and its answer (target), which ends the turn with `<eot>`."""
+    return Segment(text=question, is_target=False), Segment(text=answer, end_turn=True)
+
+
 def vqa_documents(example: Mapping[str, Any]) -> list[Document]:
     """One document per question: [image (prompt), question (prompt), answer <eot> (target)].
 
@@ -51,8 +56,7 @@ def vqa_documents(example: Mapping[str, Any]) -> list[Document]:
     for q, a, t in zip(example["questions"], example["answers"], example["question_types"]):
         docs.append(
             Document(
-                (Segment(image=example["image"], is_target=False), Segment(text=q, is_target=False),
-                 Segment(text=a, end_turn=True)),
+                (Segment(image=example["image"], is_target=False), *_vqa_turn(q, a)),
                 task="vqa",
                 meta={"objects": objects, "question": q, "answer": a, "question_type": t,
                       "index": int(example["index"])},
@@ -77,7 +81,7 @@ def vqa_dialogue_document(example: Mapping[str, Any], rng: np.random.Generator, 
     segments = [Segment(image=example["image"], is_target=False)]
     for i in order:
         q, a, _ = qas[int(i)]
-        segments += [Segment(text=q, is_target=False), Segment(text=a, end_turn=True)]
+        segments += _vqa_turn(q, a)
     return Document(
         tuple(segments), task="vqa",
         meta={"objects": records.example_objects(example), "questions": [qas[int(i)] for i in order],

@@ -83,6 +83,10 @@ class LMDataConfig:
     grid_cells: int = param(8, "no vq_dir: the stand-in colour-grid tokenizer's cells per side")
     grid_levels: int = param(4, "no vq_dir: the stand-in tokenizer's levels per colour channel")
     eval_batches: int = param(4, "validation batches per evaluation (a fixed set, same every time)")
+    prefetch: int = param(
+        -1, "training batches packed ahead in a background thread while the device computes; 0 = off; -1 = 2 on "
+            "an accelerator, off on a CPU (where the thread takes cores from the step: 1.23 s against 1.20 s per demo step)"
+    )
     seed: int = param(0, "seed of the document stream (task mixture, examples, epoch order)")
 
 

@@ -59,3 +59,15 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
     lines = (straight / "metrics.jsonl").read_text()
     assert run(small_run(straight, cache, "steps=4")) == straight
     assert (straight / "metrics.jsonl").read_text() == lines
+
+
+def test_resume_with_batches_prefetched_in_a_thread_gives_the_same_losses(tmp_path):
+    """The prefetch thread builds batches ahead; the checkpoint holds the data state of the last one trained on."""
+    cache = tmp_path / "cache"
+    straight = run(small_run(tmp_path / "straight", cache, "steps=4", "data.prefetch=0"))
+    ahead = tmp_path / "ahead"
+    run(small_run(ahead, cache, "steps=2", "data.prefetch=3"))
+    run(small_run(ahead, cache, "steps=4", "data.prefetch=3"))
+    a, b = _losses(straight), _losses(ahead)
+    assert sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_array_equal([a[s] for s in range(1, 5)], [b[s] for s in range(1, 5)])

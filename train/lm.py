@@ -232,6 +232,7 @@ def run(cfg: LMTrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     from chameleon_jax.lm_data import LMData, global_batch
+    from chameleon_jax.prefetch import Prefetcher
     from chameleon_jax.sharding import build_mesh
     from chameleon_jax.transformer import flops_per_token
     from train.checkpointing import Checkpointer
@@ -250,6 +251,11 @@ def run(cfg: LMTrainConfig) -> Path:
     mesh = build_mesh(cfg.mesh)
     trainer = get_trainer(cfg, mesh)
     it = data.train_iterator(cfg.batch_size, pidx, pcount)
+    depth = cfg.data.prefetch if cfg.data.prefetch >= 0 else (0 if jax.devices()[0].platform == "cpu" else 2)
+    if depth:
+        # Built here, before the prefetch thread runs, so that documents are only ever encoded by one thread.
+        data.eval_local_batches(cfg.batch_size, pidx, pcount)
+        it = Prefetcher(it, depth)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
 
     start = ckpt.latest_step()
@@ -339,6 +345,8 @@ def run(cfg: LMTrainConfig) -> Path:
             if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.steps:
                 save(done)
     finally:
+        if isinstance(it, Prefetcher):
+            it.close()
         bar.close()
         ckpt.close()
         if writer:

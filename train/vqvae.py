@@ -280,7 +280,6 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     extra_loss: optional `fn(images, reconstructions, step) -> scalar` (float, [-1, 1]) added
     with weight cfg.extra_loss_weight; overrides the registered cfg.extra_loss.
     """
-    import grain
     import jax
     from flax import nnx
     from tqdm import tqdm
@@ -298,6 +297,7 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     if is_finished(run_dir, cfg):
         _log(f"reusing the finished tokenizer in {run_dir / 'tokenizer'} (overwrite=true to retrain)")
         return run_dir
+    import grain  # only needed to train
     _check_compatible(run_dir, cfg)
     if cfg.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {cfg.steps}")

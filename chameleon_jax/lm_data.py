@@ -256,6 +256,10 @@ class ShapesSource:
         kw = dict(sizes={split: n_examples} if n_examples else None, backend=cfg.shapes_backend)
         self.name = f"shapes-{split}-{cfg.image_size}-{n_examples or 'default'}"
         self.examples = shapes.load(split, cfg.image_size, **kw)
+        # Examples read once are kept (about 13 KB each at 64 px: 260 MB for the 20000 training
+        # pictures): the stream revisits every picture many times, and reading a record (TFDS
+        # deserialisation, or drawing it where TFDS is absent) was most of the cost of a batch.
+        self._read: dict[int, dict] = {}
         self.interleaved = []
         if "interleaved" in self.tasks:
             n = cfg.interleaved_docs or None
@@ -268,7 +272,10 @@ class ShapesSource:
         task = self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
         if task == "interleaved":
             return self.interleaved[int(rng.integers(len(self.interleaved)))]
-        example = self.examples[int(rng.integers(len(self.examples)))]
+        i = int(rng.integers(len(self.examples)))
+        example = self._read.get(i)
+        if example is None:
+            example = self._read[i] = self.examples[i]
         if task == "caption":
             return self.shapes.caption_document(example, rng)
         if task == "t2i":

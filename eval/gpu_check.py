@@ -275,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", choices=["none", "full", "save_dots", "save_names"], default=None)
     p.add_argument("--decode-batches", default=None, help="comma-separated batch sizes, e.g. 1,16")
     p.add_argument("--decode-steps", type=int, default=None)
+    p.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override for the training part (repeatable), e.g. scan_layers=false")
+    p.add_argument("--decode-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override for the decoding part (repeatable), e.g. scan_layers=false")
     p.add_argument("--skip", choices=["train", "decode"], action="append", default=[], help="leave a part out")
     p.add_argument("--out", default="", help="also write the JSON here")
     return p
@@ -294,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         over["train_steps"] = args.train_steps
     if args.remat:
         over["train_overrides"] = shapes.train_overrides + (f"remat_policy={args.remat}",)
+    if args.train_set:
+        over["train_overrides"] = over.get("train_overrides", shapes.train_overrides) + tuple(args.train_set)
+    if args.decode_set:
+        over["decode_overrides"] = shapes.decode_overrides + tuple(args.decode_set)
     if args.decode_batches:
         over["decode_batches"] = tuple(int(b) for b in args.decode_batches.split(","))
     if args.decode_steps:
@@ -332,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _preset(preset, overrides)
         log(f"{part}: {preset} {' '.join(overrides)}")
         try:
-            result[part] = {"preset": preset, **_with_fallback(fn, cfg, part, result)}
+            result[part] = {"preset": preset, "overrides": list(overrides), **_with_fallback(fn, cfg, part, result)}
         except Exception as e:  # report it and go on with the next part
             result["errors"][part] = f"{type(e).__name__}: {e}"
             traceback.print_exc()

@@ -23,9 +23,15 @@ class EvalConfig:
     batch_size: int = param(32, "prompts generated together in one batch")
     seed: int = param(0, "sampling seed")
     temperature: float = param(0.0, "text sampling temperature (0 = greedy)")
-    image_temperature: float = param(1.0, "image-code sampling temperature (0 = greedy)")
+    image_temperature: float = param(
+        0.0, "image-code sampling temperature (0 = greedy). Greedy by default: the judge scores exact attributes, "
+             "and sampling at 1.0 scatters stray fragments (960-step demo model, t2i seen: 0.24 greedy, 0.13 at 1.0)"
+    )
     image_top_k: int = param(0, "top-k for image codes (0 = off)")
-    cfg_scale: float = param(3.0, "classifier-free guidance scale for image tokens (1 = off)")
+    cfg_scale: float = param(
+        1.5, "classifier-free guidance scale for image tokens (1 = off). Scale 3 broke the demo model's pictures "
+             "into fragments (t2i seen 0.00 against 0.51 unguided after 5000 steps)"
+    )
     max_new_tokens: int = param(48, "generation budget for text answers and captions")
     data_dir: str = param("", "where the Shapes data set lives; empty = the default data directory")
 

@@ -1,6 +1,6 @@
 """Text to image: the judge's exact-match accuracy on pictures generated from captions.
 
-`python -m eval.t2i run_dir=runs/demo [num_examples=100] [cfg_scale=3]` writes
+`python -m eval.t2i run_dir=runs/demo [num_examples=100] [cfg_scale=1.5] [image_temperature=0]` writes
 `<run_dir>/eval/t2i.json`: accuracy on seen (colour, shape) pairs (the test
 split) and on held-out pairs (the heldout split), each with guidance
 (`cfg_scale`) and without (scale 1), the judge's object-count accuracy, and a
@@ -57,6 +57,7 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
                         rel = common.save_png(cfg.run_dir, f"eval/t2i/{tag}_{i}.png", img)
                         samples.append({"prompt": p, "image": rel, "generated": True, "correct": ok})
     out["cfg_scale"] = cfg.cfg_scale
+    out["image_temperature"] = cfg.image_temperature
     out["samples"] = samples
     return out
 

@@ -65,26 +65,46 @@ def vqa_documents(example: Mapping[str, Any]) -> list[Document]:
     return docs
 
 
+def _questions_by_object(question_types: list[str]) -> list[list[int]]:
+    """Question indices grouped by what they are about: the count question alone, then one group per
+    object (`text.questions` asks about each object in turn, starting with its colour)."""
+    groups: list[list[int]] = []
+    for i, t in enumerate(question_types):
+        if t in ("count", "color") or not groups:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
 def vqa_dialogue_document(example: Mapping[str, Any], rng: np.random.Generator, max_questions: int = 0) -> Document:
-    """[image (prompt), q1 (prompt), a1 <eot> (target), q2 (prompt), a2 <eot> (target), ...]: several
-    of the example's questions about one picture, in an order picked with `rng` (0 = all of them).
+    """[image (prompt), q1 (prompt), a1 <eot> (target), q2 (prompt), a2 <eot> (target), ...]: the
+    count question, then one question about each object, objects in an order picked with `rng`
+    (`max_questions` > 0 keeps that many of them, picked with `rng`, in the same order).
 
     The training form of VQA: one picture's codes serve every answer after it, so a row
-    carries several answers per picture instead of one. The first question follows the
-    picture directly, as in the one-question evaluation prompt, and every answer ends its
-    turn with `<eot>`, where generation stops, so an answer is never run on into a question.
+    carries several answers per picture instead of one. No answer can be read off an
+    earlier turn: each object is asked about once, and the count comes first. (With every
+    question of a picture in one dialogue, "where is the magenta diamond?" followed "which
+    colour is the object in the center?"; the model learnt to copy the position from the
+    question and answered position questions asked alone at chance.) The first question
+    follows the picture directly, as in the one-question evaluation prompt, and every answer
+    ends its turn with `<eot>`, where generation stops.
     """
     qas = list(zip(example["questions"], example["answers"], example["question_types"]))
-    order = rng.permutation(len(qas))
-    if max_questions > 0:
-        order = order[:max_questions]
+    groups = _questions_by_object([t for _, _, t in qas])
+    head = [g[0] for g in groups if qas[g[0]][2] == "count"]
+    objects = [g for g in groups if qas[g[0]][2] != "count"]
+    order = head + [int(objects[int(k)][int(rng.integers(len(objects[int(k)])))]) for k in rng.permutation(len(objects))]
+    if 0 < max_questions < len(order):
+        order = [order[int(k)] for k in sorted(rng.choice(len(order), max_questions, replace=False))]
     segments = [Segment(image=example["image"], is_target=False)]
     for i in order:
-        q, a, _ = qas[int(i)]
+        q, a, _ = qas[i]
         segments += _vqa_turn(q, a)
     return Document(
         tuple(segments), task="vqa",
-        meta={"objects": records.example_objects(example), "questions": [qas[int(i)] for i in order],
+        meta={"objects": records.example_objects(example), "questions": [qas[i] for i in order],
               "index": int(example["index"])},
     )
 

@@ -79,23 +79,21 @@ def _questions_by_object(question_types: list[str]) -> list[list[int]]:
 
 def vqa_dialogue_document(example: Mapping[str, Any], rng: np.random.Generator, max_questions: int = 0) -> Document:
     """[image (prompt), q1 (prompt), a1 <eot> (target), q2 (prompt), a2 <eot> (target), ...]: the
-    count question, then one question about each object, objects in an order picked with `rng`
+    count question and one question about each object, in an order picked with `rng`
     (`max_questions` > 0 keeps that many of them, picked with `rng`, in the same order).
 
     The training form of VQA: one picture's codes serve every answer after it, so a row
-    carries several answers per picture instead of one. No answer can be read off an
-    earlier turn: each object is asked about once, and the count comes first. (With every
-    question of a picture in one dialogue, "where is the magenta diamond?" followed "which
-    colour is the object in the center?"; the model learnt to copy the position from the
-    question and answered position questions asked alone at chance.) The first question
-    follows the picture directly, as in the one-question evaluation prompt, and every answer
-    ends its turn with `<eot>`, where generation stops.
+    carries several answers per picture instead of one. No attribute can be read off an
+    earlier turn, since each object is asked about once. (With every question of a picture
+    in one dialogue, "where is the magenta diamond?" came after "which colour is the object
+    in the center?"; the model learnt to copy the position from the question and answered
+    position questions asked alone at chance.) Any question may come first, right after the
+    picture, as in the one-question evaluation prompt; every answer ends its turn with
+    `<eot>`, where generation stops.
     """
     qas = list(zip(example["questions"], example["answers"], example["question_types"]))
     groups = _questions_by_object([t for _, _, t in qas])
-    head = [g[0] for g in groups if qas[g[0]][2] == "count"]
-    objects = [g for g in groups if qas[g[0]][2] != "count"]
-    order = head + [int(objects[int(k)][int(rng.integers(len(objects[int(k)])))]) for k in rng.permutation(len(objects))]
+    order = [int(g[int(rng.integers(len(g)))]) for g in (groups[int(k)] for k in rng.permutation(len(groups)))]
     if 0 < max_questions < len(order):
         order = [order[int(k)] for k in sorted(rng.choice(len(order), max_questions, replace=False))]
     segments = [Segment(image=example["image"], is_target=False)]

@@ -67,8 +67,8 @@ class LMDataConfig:
     t2i_weight: float = param(1.0, "Shapes mixture weight: caption -> image")
     vqa_weight: float = param(1.0, "Shapes mixture weight: image + question -> answer")
     vqa_questions_per_doc: int = param(
-        0, "questions (each with its answer) per training VQA dialogue about one picture: the count, then one "
-           "per object, none answerable from an earlier turn; 0 = all of those, k > 0 = k of them at random "
+        0, "questions (each with its answer) per training VQA dialogue about one picture: the count and one "
+           "per object, in random order, none answerable from an earlier turn; 0 = all of those, k > 0 = k of them at random "
            "(1 = one-question documents as in the evaluation)"
     )
     interleaved_weight: float = param(0.5, "Shapes mixture weight: interleaved text/image documents")

@@ -274,6 +274,7 @@ def load_pipeline(path: str | os.PathLike, *, overrides: dict | None = None) -> 
     `chameleon_jax.checkpoint.load_model`), e.g. {"dtype": "bfloat16"}.
     """
     from chameleon_jax.checkpoint import load_model
+    from chameleon_jax.transformer import unstack_layers
     from chameleon_jax.vocab import Vocabulary
 
     path = Path(path)
@@ -288,5 +289,7 @@ def load_pipeline(path: str | os.PathLike, *, overrides: dict | None = None) -> 
         import vqvae
 
         tokenizer = vqvae.load_tokenizer(path / "tokenizer")
-    model = load_model(path, overrides=overrides)
+    # Generation runs the blocks one by one: a stacked (scan_layers) checkpoint is unstacked once here
+    # rather than copied per decode step, and only one copy of the weights is kept.
+    model = unstack_layers(load_model(path, overrides=overrides))
     return Pipeline(model, vocab, tokenizer)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from chameleon_jax.checkpoint import CheckpointError, load_model, save_model
 from chameleon_jax.config import MODEL_PRESETS, ModelConfig
-from chameleon_jax.transformer import Transformer, count_params, flops_per_token
+from chameleon_jax.transformer import Transformer, count_params, flops_per_token, unstack_layers
 
 
 def tiny(**kw) -> ModelConfig:
@@ -148,6 +148,18 @@ def test_scanned_layers_give_the_same_logits_for_the_same_weights():
     nnx.update(scan, state)
     x = tokens((2, 9), seed=5)
     np.testing.assert_allclose(forward(scan, x), forward(loop, x), atol=1e-5)
+
+
+def test_unstack_layers_holds_each_layer_of_the_stack_and_gives_the_same_logits():
+    scan = make(tiny(num_layers=3, scan_layers=True))
+    loop = unstack_layers(scan)
+    assert not loop.cfg.scan_layers and len(loop.blocks) == 3 and unstack_layers(loop) is loop
+    stacked = nnx.to_pure_dict(nnx.state(scan, nnx.Param))["blocks"]
+    for i in range(3):
+        one = nnx.to_pure_dict(nnx.state(loop.blocks[i], nnx.Param))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[i]), one, stacked)
+    x = tokens((2, 9), seed=5)
+    np.testing.assert_allclose(forward(loop, x), forward(scan, x), atol=1e-5)
 
 
 def loss_and_grads(model, x):

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from chameleon_jax.generation import guidance as guidance_lib
+from chameleon_jax.transformer import Transformer, unstack_layers
 from chameleon_jax.generation import modes
 from chameleon_jax.generation import sampling
 from chameleon_jax.generation.guidance import Guidance
@@ -90,7 +91,9 @@ class FrozenModel(NamedTuple):
     `nnx.split` walks the module graph in Python on each call (a few milliseconds
     for the `small` preset); a frozen model skips it. Its state holds the model's
     own variables, so values updated in place (`nnx.update`, an optimizer step)
-    are used; after replacing variables or submodules, freeze again.
+    are used; after replacing variables or submodules, freeze again. A model with
+    stacked blocks (`scan_layers`) is frozen unstacked (`transformer.unstack_layers`):
+    that copy holds arrays of its own, so freeze again after updating its weights.
     """
 
     graphdef: object
@@ -99,6 +102,8 @@ class FrozenModel(NamedTuple):
 
 
 def freeze(model) -> FrozenModel:
+    if isinstance(model, Transformer):
+        model = unstack_layers(model)
     graphdef, state = nnx.split(model)
     return FrozenModel(graphdef, state, model.cfg)
 

@@ -11,7 +11,8 @@ Prints one JSON object on stdout (progress goes to stderr):
   FLOPs per token (`transformer.flops_per_token`: 6N + attention) x tokens/s / the chip's
   peak dense bf16 FLOP/s (eval.accelerators); also against a bf16 matmul measured here.
   The memory planner's estimate for the same step sits beside the device's peak bytes.
-- decode: a 7B-shaped model (`chameleon-7b` shapes, random bf16 weights) decoding one
+- decode: a 7B-shaped model (`chameleon-7b` shapes, random bf16 weights; its stacked layers
+  unstacked first, as generation does, unless `--decode-stacked`) decoding one
   token per step with `Transformer.decode` and its fixed-size KV cache, in one compiled
   `fori_loop` of `decode_steps` steps (like the project's generation loop), timed after
   a warmup call, at each batch size. Bytes per step = every weight read once (the
@@ -161,7 +162,7 @@ def decode_bytes_per_step(cfg: ModelConfig, batch: int, cache_len: int) -> dict[
 
 
 def check_decode(cfg: ModelConfig, *, batches: Sequence[int], steps: int, cache_len: int, context: int,
-                 acc: accelerators.Accelerator | None, repeats: int = 3) -> dict[str, Any]:
+                 acc: accelerators.Accelerator | None, repeats: int = 3, unstack: bool = True) -> dict[str, Any]:
     import functools
 
     import jax
@@ -169,14 +170,18 @@ def check_decode(cfg: ModelConfig, *, batches: Sequence[int], steps: int, cache_
     from flax import nnx
 
     from chameleon_jax.sharding import build_mesh, create_sharded_model
-    from chameleon_jax.transformer import count_params
+    from chameleon_jax.transformer import count_params, unstack_layers
 
     if context + steps > cache_len:
         raise configlib.ConfigError(f"context {context} + decode steps {steps} exceed the cache ({cache_len})")
     mesh_cfg = MeshConfig(data=1, fsdp=1, tensor=1)
     mesh = build_mesh(mesh_cfg, jax.local_devices()[:1])
     t0 = time.perf_counter()
+    # Decoded as the project's generation decodes it: a stacked model is unstacked first
+    # (`transformer.unstack_layers`; slicing the stack inside the loop copies every layer's weights per step).
     model = create_sharded_model(cfg, mesh, mesh_cfg.rules, seed=0)
+    stacked = model.cfg.scan_layers
+    model = unstack_layers(model) if unstack else model
     graphdef, state = nnx.split(model)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t0
@@ -234,6 +239,7 @@ def check_decode(cfg: ModelConfig, *, batches: Sequence[int], steps: int, cache_
         del cache
         log(f"decode batch {b}: {row['tokens_per_s']:.1f} tokens/s, {row['step_ms']:.2f} ms/step")
     return {"params": count_params(cfg), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+            "layers": "stacked" if stacked and not unstack else "unstacked" if stacked else "unrolled",
             "attention": plan.attention_kernel(cfg, jax.default_backend()), "init_s": init_s, "runs": out}
 
 
@@ -279,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model config override for the training part (repeatable), e.g. scan_layers=false")
     p.add_argument("--decode-set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override for the decoding part (repeatable), e.g. scan_layers=false")
+    p.add_argument("--decode-stacked", action="store_true",
+                   help="decode a scan_layers model on its stacked layers (the slow form generation avoids) "
+                        "instead of unstacking it first")
     p.add_argument("--skip", choices=["train", "decode"], action="append", default=[], help="leave a part out")
     p.add_argument("--out", default="", help="also write the JSON here")
     return p
@@ -332,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warmup=shapes.train_warmup, acc=acc)),
         "decode": (shapes.decode_preset, shapes.decode_overrides, lambda cfg: check_decode(
             cfg, batches=shapes.decode_batches, steps=shapes.decode_steps, cache_len=shapes.cache_len,
-            context=shapes.context, acc=acc)),
+            context=shapes.context, acc=acc, unstack=not args.decode_stacked)),
     }
     for part, (preset, overrides, fn) in parts.items():
         if part in args.skip:

@@ -46,9 +46,10 @@ class Pipeline:
     `decode(codes) -> uint8 images`, `codes_per_image`, and optionally
     `image_size`, `grid`, `can_decode`.
 
-    The model is split once, on the first generation, and reused. The split shares
-    the model's variables, so weights updated in place are used; after replacing
-    variables or submodules, call `refresh()` (assigning a new `model` refreshes too).
+    The model is split once, on the first generation, and reused (`generation.freeze`).
+    The split shares the model's variables, so weights updated in place are used; after
+    replacing variables or submodules, or updating a stacked (`scan_layers`) model, whose
+    split is an unstacked copy, call `refresh()` (assigning a new `model` refreshes too).
     """
 
     def __init__(self, model, vocab, tokenizer=None):

@@ -26,7 +26,7 @@ class Prefetcher:
         self._state = source.state()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
+        self._stop: threading.Event | None = None
 
     def state(self) -> dict[str, Any]:
         return dict(self._state)

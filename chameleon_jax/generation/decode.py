@@ -312,7 +312,7 @@ def generate_tokens(
         f32(image.temperature), i32(image.top_k), f32(image.top_p), guidance.scales(),
     )
     tables = modes.token_tables(vocab, model_vocab_size(model), stop_at_eot=stop_at_eot, ignore_eos=ignore_eos)
-    graphdef, model_state = (model.graphdef, model.state) if isinstance(model, FrozenModel) else nnx.split(model)
+    graphdef, model_state, _ = model if isinstance(model, FrozenModel) else freeze(model)
     out_bn, length_b, steps, logits_bnv = _decode_loop(
         graphdef, model_state, tables, jnp.asarray(tokens_rp), jnp.asarray(mask_rp), params,
         jax.random.key(seed), spec=spec,

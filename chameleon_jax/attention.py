@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from chameleon_jax.config import ModelConfig
 from chameleon_jax.kv_cache import CACHE_AXES, read_layer, write_layer
-from chameleon_jax.layers import QKNorm, apply_rope, dtype_of, make_param, normal
+from chameleon_jax.layers import QKNorm, apply_rope, dense, dtype_of, make_param, normal
 from chameleon_jax.sharding import constrain
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "naive")
@@ -199,9 +199,9 @@ class Attention(nnx.Module):
     def project(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B,T,N,H], k and v [B,T,K,H]; q and k normalised, then rotated."""
         dt = self.dtype
-        q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.wq_dnh[...].astype(dt))
-        k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wk_dkh[...].astype(dt))
-        v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.wv_dkh[...].astype(dt))
+        q_btnh = dense(x_btd, self.wq_dnh[...].astype(dt))
+        k_btkh = dense(x_btd, self.wk_dkh[...].astype(dt))
+        v_btkh = dense(x_btd, self.wv_dkh[...].astype(dt))
         if self.q_norm is not None:
             q_btnh = self.q_norm(q_btnh)
             k_btkh = self.k_norm(k_btkh)
@@ -252,5 +252,5 @@ class Attention(nnx.Module):
         # pick a (head_dim, heads) order and transpose the whole weight on every call.
         b, t, n, h = out_btnh.shape
         wo_ed = self.wo_nhd[...].astype(self.dtype).reshape(n * h, -1)
-        y_btd = jnp.einsum("bte,ed->btd", out_btnh.reshape(b, t, n * h), wo_ed)
+        y_btd = dense(out_btnh.reshape(b, t, n * h), wo_ed)
         return y_btd, cache

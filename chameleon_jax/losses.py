@@ -26,7 +26,10 @@ def token_cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[j
 def _cross_entropy_parts(logits_btv, targets_bt):
     logits_btv = logits_btv.astype(jnp.float32)
     log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # A masked sum, not take_along_axis: its gradient is a select that fuses with the
+    # softmax's, where take_along_axis's is a scatter into a [B, T, V] zero array.
+    is_target_btv = jnp.arange(logits_btv.shape[-1], dtype=jnp.int32) == targets_bt[..., None].astype(jnp.int32)
+    target_logit_bt = jnp.sum(jnp.where(is_target_btv, logits_btv, 0.0), axis=-1)
     # "The target has the top logit" without an argmax pass (argmax is slow on CPU); ties count as correct.
     correct_bt = (target_logit_bt >= jnp.max(logits_btv, axis=-1)).astype(jnp.float32)
     return log_z_bt - target_logit_bt, log_z_bt, correct_bt

@@ -26,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from chameleon_jax.attention import Attention, decode_mask, segment_mask
 from chameleon_jax.config import ModelConfig
 from chameleon_jax.kv_cache import CACHE_AXES, STACKED_CACHE_AXES, KVCache
-from chameleon_jax.layers import Embed, RMSNorm, SwiGLU, Unembed, dtype_of
+from chameleon_jax.layers import DENSE_NAME, Embed, RMSNorm, SwiGLU, Unembed, dtype_of
 from chameleon_jax.sharding import constrain
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -40,7 +40,11 @@ def remat_policy(cfg: ModelConfig):
         case "full":
             return jax.checkpoint_policies.nothing_saveable
         case "save_dots":
-            return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            # The projections' matmuls (layers.dense, named) and any other dot without batch dims.
+            return jax.checkpoint_policies.save_from_both_policies(
+                jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                jax.checkpoint_policies.save_only_these_names(DENSE_NAME),
+            )
         case "save_names":
             return jax.checkpoint_policies.save_only_these_names(*cfg.remat_names)
     raise ValueError(f"unknown remat_policy {cfg.remat_policy!r}")

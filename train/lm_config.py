@@ -86,14 +86,14 @@ def small() -> LMTrainConfig:
 def demo() -> LMTrainConfig:
     """The end-to-end demo: the `small` model trained on Shapes after the VQ stage (pass vq_dir=...)."""
     cfg = small()
-    # Sized to fit the 30-minute demo on 2 CPU cores (about 1.25 s per step of 16 x 384 tokens
-    # with the chunked attention kernel; 1.6 s with XLA's).
+    # Sized to fit the 30-minute demo on 2 CPU cores (about 0.95 s per step of 16 x 384 tokens
+    # with the chunked attention kernel and layers.dense; 1.25 s before dense).
     # lr 3e-3 (with the FSQ tokenizer) reached eval loss 0.67 at step 400, where lr 1e-3 with the
     # previous tokenizer was at 0.80 at step 500 (both changed at once). Interleaved
     # documents are long and not among the headline goals: weight 0.25 leaves more rows to
     # captioning, VQA and text-to-image.
     return dataclasses.replace(
-        cfg, steps=960, run_dir="runs/demo/lm", eval_interval=480, checkpoint_interval=480,
+        cfg, steps=1250, run_dir="runs/demo/lm", eval_interval=625, checkpoint_interval=625,
         optim=dataclasses.replace(cfg.optim, lr=3e-3, warmup_steps=50),
         data=dataclasses.replace(cfg.data, interleaved_weight=0.25),
     )

@@ -49,7 +49,7 @@ class ModelConfig:
     remat_names: tuple[str, ...] = param(
         ("attn_out", "mlp_out"),
         "with remat_policy=save_names: block activations kept for the backward pass "
-        "(names: qkv_proj, attn_out, mlp_hidden, mlp_out, block_out)",
+        "(names: qkv_proj, attn_out, mlp_hidden, mlp_out, block_out; dense_out is every projection's output)",
     )
 
 

@@ -167,7 +167,7 @@ SAVED_BY_POLICY = {
              "attn_weights_compute_dtype", "mlp_weights_compute_dtype", "attn_out_weight_view", "attn_dropout_mask",
              "ffn_dropout_mask"),
     "full": ("x",),
-    # dots_with_no_batch_dims_saveable: the projections' outputs (their dot_generals have no
+    # the projections' outputs (layers.dense, named dense_out, plus any dot_general without
     # batch dimensions); attention's q.k and p.v contractions have batch dims and are recomputed.
     # The w2 output is not needed (it only feeds the residual add).
     "save_dots": ("x", "q_raw", "k_raw", "v", "attn_proj", "gate", "up"),
@@ -175,7 +175,7 @@ SAVED_BY_POLICY = {
 # checkpoint_name -> tensors of one block (save_names policy). The block output (and
 # `mlp_out`, which only feeds the final residual add) is the next block's saved input.
 NAMED = {"qkv_proj": ("q", "k", "v"), "attn_out": ("attn_proj",), "mlp_hidden": ("hidden",),
-         "mlp_out": (), "block_out": ()}
+         "mlp_out": (), "block_out": (), "dense_out": ("q_raw", "k_raw", "v", "attn_proj", "gate", "up")}
 
 
 def saved_tensors(cfg: ModelConfig) -> tuple[str, ...]:

@@ -70,6 +70,7 @@ def _kept_bytes(cfg: ModelConfig, batch: int, seq: int) -> int:
         ["remat_policy=save_dots", "dtype=bfloat16", "num_kv_heads=4"],
         ["remat_policy=save_names"],
         ["remat_policy=save_names", "remat_names=qkv_proj,attn_out,mlp_hidden,mlp_out,block_out"],
+        ["remat_policy=save_names", "remat_names=dense_out"],
     ],
 )
 def test_saved_tensors_per_policy_match_what_autodiff_keeps(overrides):

@@ -97,3 +97,25 @@ def test_first_argmax_and_the_gumbel_draw_match_jax():
         key = jax.random.key(seed)
         want = jax.vmap(jax.random.categorical)(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows), logits)
         np.testing.assert_array_equal(choose_tokens(key, rows, logits, jnp.ones(6)), want)
+
+
+def test_only_the_modalities_a_call_can_sample_shape_the_compiled_step():
+    from chameleon_jax.generation.decode import decode_spec
+
+    greedy, sampled = SamplingParams(0.0), SamplingParams(1.0, top_k=5, top_p=0.9)
+
+    def spec(modality, text, image, codes=64):
+        return decode_spec(limit=8, codes_per_image=codes, modality=modality, form="none", text=text, image=image,
+                           return_logits=False)
+
+    # Greedy text with sampled image settings: no random draws, no sort.
+    s = spec("text", greedy, sampled)
+    assert (s.use_sampling, s.use_top_k, s.use_top_p) == (False, False, False)
+    s = spec("any", greedy, sampled, codes=0)  # no image tokenizer: images never open
+    assert not s.use_sampling
+    # modality="image" never samples text (the <boi> is forced, the row ends at <eoi>).
+    s = spec("image", sampled, greedy)
+    assert (s.use_sampling, s.use_top_k, s.use_top_p) == (False, False, False)
+    s = spec("any", greedy, sampled)
+    assert (s.use_sampling, s.use_top_k, s.use_top_p) == (True, True, True)
+    assert spec("text", sampled, greedy).use_sampling

@@ -146,6 +146,18 @@ def plan_lengths(prompt_lens: Sequence[int], *, max_new_tokens: int, context: in
     return padded, limit
 
 
+def decode_spec(*, limit: int, codes_per_image: int, modality: str, form: str, text: SamplingParams,
+                image: SamplingParams, return_logits: bool) -> DecodeSpec:
+    """The static part of a call. Only the settings of a modality the loop can sample count:
+    greedy text under the (sampled) image defaults compiles a step with no random draws."""
+    used = [p for p, ok in ((text, modality != "image"), (image, modality != "text" and codes_per_image > 0)) if ok]
+    return DecodeSpec(
+        limit=limit, codes_per_image=int(codes_per_image), modality=modality, form=form,
+        use_top_k=any(p.uses_top_k for p in used), use_top_p=any(p.uses_top_p for p in used),
+        use_sampling=any(p.temperature > 0 for p in used), return_logits=return_logits,
+    )
+
+
 def pad_prompts(rows: Sequence[Sequence[int]], padded_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads rows to padded_len: (int32 tokens [R, P], bool mask [R, P])."""
     tokens = np.full([len(rows), padded_len], pad_id, np.int32)
@@ -301,11 +313,8 @@ def generate_tokens(
         modality=modality, codes_per_image=codes_per_image,
     )
     tokens_rp, mask_rp = pad_prompts(rows, padded, vocab.pad_id)
-    spec = DecodeSpec(
-        limit=limit, codes_per_image=int(codes_per_image), modality=modality, form=guidance.form,
-        use_top_k=text.uses_top_k or image.uses_top_k, use_top_p=text.uses_top_p or image.uses_top_p,
-        use_sampling=text.temperature > 0 or image.temperature > 0, return_logits=return_logits,
-    )
+    spec = decode_spec(limit=limit, codes_per_image=codes_per_image, modality=modality, form=guidance.form,
+                       text=text, image=image, return_logits=return_logits)
     f32, i32 = (lambda x: jnp.asarray(x, jnp.float32)), (lambda x: jnp.asarray(x, jnp.int32))
     params = DecodeParams(
         f32(text.temperature), i32(text.top_k), f32(text.top_p),

@@ -1,4 +1,4 @@
-"""Building blocks of the Chameleon decoder: norms, embeddings, SwiGLU, rotary embeddings.
+"""Building blocks of the Chameleon decoder: the projection matmul, norms, embeddings, SwiGLU, RoPE.
 
 Every parameter is an `nnx.Param` carrying logical axis names in its `out_sharding`
 metadata (`embed`, `mlp`, `heads`, ...). The names are mapped to mesh axes by the
@@ -62,13 +62,9 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     return checkpoint_name(y, DENSE_NAME)
 
 
-def _dense_dims(x, w):
-    return ((x.ndim - 1,), (0,)), ((), ())
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _dense(x, w, out_dtype):
-    return jax.lax.dot_general(x, w, _dense_dims(x, w), preferred_element_type=out_dtype)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
 
 
 def _dense_fwd(x, w, out_dtype):

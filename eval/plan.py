@@ -161,6 +161,10 @@ def state_leaves(trainer) -> list[Leaf]:
 # `block_tensors` below. The block input (the scan carry) is kept under every policy.
 # These lists follow what JAX's autodiff saves for `chameleon_jax.transformer.Block`
 # (`jax.ad_checkpoint.saved_residuals`); tests/test_plan.py checks them against it.
+
+# The block tensors that are layers.dense outputs and must be kept for the backward pass
+# (the w2 output is not: it only feeds the residual add).
+DENSE_OUTPUTS = ("q_raw", "k_raw", "v", "attn_proj", "gate", "up")
 SAVED_BY_POLICY = {
     "none": ("x", "attn_norm", "q", "k", "v", "qk_norm", "attn_mask", "attn_logits", "attn_exp", "attn_probs",
              "attn_softmax_stats", "attn_heads", "ffn_norm", "gate", "up", "silu", "hidden",
@@ -169,13 +173,12 @@ SAVED_BY_POLICY = {
     "full": ("x",),
     # the projections' outputs (layers.dense, named dense_out, plus any dot_general without
     # batch dimensions); attention's q.k and p.v contractions have batch dims and are recomputed.
-    # The w2 output is not needed (it only feeds the residual add).
-    "save_dots": ("x", "q_raw", "k_raw", "v", "attn_proj", "gate", "up"),
+    "save_dots": ("x", *DENSE_OUTPUTS),
 }
 # checkpoint_name -> tensors of one block (save_names policy). The block output (and
 # `mlp_out`, which only feeds the final residual add) is the next block's saved input.
 NAMED = {"qkv_proj": ("q", "k", "v"), "attn_out": ("attn_proj",), "mlp_hidden": ("hidden",),
-         "mlp_out": (), "block_out": (), "dense_out": ("q_raw", "k_raw", "v", "attn_proj", "gate", "up")}
+         "mlp_out": (), "block_out": (), "dense_out": DENSE_OUTPUTS}
 
 
 def saved_tensors(cfg: ModelConfig) -> tuple[str, ...]:

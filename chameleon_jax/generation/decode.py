@@ -34,11 +34,11 @@ import numpy as np
 from flax import nnx
 
 from chameleon_jax.generation import guidance as guidance_lib
-from chameleon_jax.transformer import Transformer, unstack_layers
 from chameleon_jax.generation import modes
 from chameleon_jax.generation import sampling
 from chameleon_jax.generation.guidance import Guidance
 from chameleon_jax.generation.sampling import SamplingParams
+from chameleon_jax.transformer import Transformer, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)

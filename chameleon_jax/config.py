@@ -51,6 +51,13 @@ class ModelConfig:
         "with remat_policy=save_names: block activations kept for the backward pass "
         "(names: qkv_proj, attn_out, mlp_hidden, mlp_out, block_out; dense_out is every projection's output)",
     )
+    image_positions: int = param(
+        0,
+        "rows of a learned embedding added to each image code by its index in the image (see "
+        "chameleon_jax.image_positions); 0 = off, as in Chameleon; train.lm reads -1 as the tokenizer's codes per image",
+    )
+    boi_id: int = param(-1, "<boi> token id, read by image_positions (train.lm sets it from the vocabulary)")
+    eoi_id: int = param(-1, "<eoi> token id, read by image_positions (train.lm sets it from the vocabulary)")
 
 
 def _tiny() -> ModelConfig:
@@ -113,6 +120,7 @@ class MeshConfig:
             ("kv_heads", "tensor"),
             ("head_dim", ""),
             ("vocab", "tensor"),
+            ("image_positions", ""),
             ("layers", ""),
             ("norm", ""),
             ("cache_batch", "data+fsdp"),

@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from chameleon_jax.attention import Attention, decode_mask, segment_mask
 from chameleon_jax.config import ModelConfig
+from chameleon_jax.image_positions import ImagePositionEmbed, image_index
 from chameleon_jax.kv_cache import CACHE_AXES, STACKED_CACHE_AXES, KVCache
 from chameleon_jax.layers import DENSE_NAME, Embed, RMSNorm, SwiGLU, Unembed, dtype_of
 from chameleon_jax.sharding import constrain
@@ -112,6 +113,15 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return make(rngs)
 
 
+def _check_image_positions(cfg: ModelConfig) -> None:
+    if cfg.image_positions < 0:
+        raise ValueError(f"model.image_positions={cfg.image_positions}: the model needs a row count "
+                         "(train.lm resolves -1 to the tokenizer's codes per image)")
+    if cfg.boi_id < 0 or cfg.eoi_id < 0 or cfg.boi_id >= cfg.vocab_size or cfg.eoi_id >= cfg.vocab_size:
+        raise ValueError(f"model.image_positions={cfg.image_positions} needs model.boi_id and model.eoi_id inside the "
+                         f"vocabulary of {cfg.vocab_size}, got {cfg.boi_id} and {cfg.eoi_id}")
+
+
 class Transformer(nnx.Module):
     """Embedding, `num_layers` blocks, final RMSNorm, untied output projection; float32 logits."""
 
@@ -120,6 +130,12 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_dim, init_std=cfg.initializer_range, dtype=dtype,
                            param_dtype=pdtype, rngs=rngs)
+        if cfg.image_positions:
+            _check_image_positions(cfg)
+        self.image_pos = ImagePositionEmbed(
+            cfg.image_positions, cfg.hidden_dim, init_std=cfg.initializer_range, dtype=dtype, param_dtype=pdtype,
+            rngs=rngs,
+        ) if cfg.image_positions else None
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
@@ -154,7 +170,7 @@ class Transformer(nnx.Module):
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_bt.shape)
         mask_b1ts = None if segment_ids_bt is None else segment_mask(segment_ids_bt)
-        x_btd = constrain(self.embed(tokens_bt), ACTIVATION_AXES)
+        x_btd = self._embed(tokens_bt, segment_ids_bt=segment_ids_bt)
         x_btd, _ = self._blocks(x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=True, deterministic=deterministic)
         return self.lm_head(self.final_norm(x_btd))
 
@@ -173,6 +189,7 @@ class Transformer(nnx.Module):
         cache: KVCache,
         write_index: jax.Array | int,
         kv_mask_bs: jax.Array,
+        image_index_bt: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Runs T new tokens against the cache; returns their logits [B, T, V] and the new cache.
 
@@ -180,10 +197,14 @@ class Transformer(nnx.Module):
         of every row. Query t of row b sees slot s iff kv_mask_bs[b, s] and s <= write_index + t,
         so kv_mask_bs must already be True at the new tokens' slots. Prefill is T = prompt
         length with write_index 0; a step is T = 1.
+
+        image_index_bt: with `image_positions`, each new token's index in its image
+        (`image_positions.image_index`; -1 outside images). Default: read from tokens_bt
+        alone, which is right only when every image they touch opens inside them.
         """
         _, t = tokens_bt.shape
         mask_b1ts = decode_mask(kv_mask_bs, write_index, t)
-        x_btd = constrain(self.embed(tokens_bt), ACTIVATION_AXES)
+        x_btd = self._embed(tokens_bt, image_index_bt=image_index_bt)
         x_btd, cache = self._blocks(
             x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=False, deterministic=True,
             cache=cache, write_index=jnp.asarray(write_index, jnp.int32),
@@ -191,6 +212,15 @@ class Transformer(nnx.Module):
         return self.lm_head(self.final_norm(x_btd)), cache
 
     # ------------------------------------------------------------------ layers
+
+    def _embed(self, tokens_bt, *, segment_ids_bt=None, image_index_bt=None):
+        x_btd = self.embed(tokens_bt)
+        if self.image_pos is not None:
+            if image_index_bt is None:
+                image_index_bt = image_index(tokens_bt, boi_id=self.cfg.boi_id, eoi_id=self.cfg.eoi_id,
+                                             segment_ids_bt=segment_ids_bt)
+            x_btd = x_btd + self.image_pos(image_index_bt)
+        return constrain(x_btd, ACTIVATION_AXES)
 
     def _blocks(self, x_btd, positions_bt, *, mask_b1ts, is_causal, deterministic, cache=None, write_index=None):
         cfg = self.cfg
@@ -265,7 +295,7 @@ def count_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
     block = attn + qk_norm + 3 * d * f + 2 * d
     total = cfg.num_layers * block + d + d * v  # blocks, final norm, output projection
     if include_embedding:
-        total += v * d
+        total += (v + cfg.image_positions) * d  # token and image-position lookup tables
     return total
 
 

@@ -74,7 +74,7 @@ def train(args) -> dict:
     assert pcount == args.num_processes and jax.local_device_count() == args.local_devices, (
         pcount, jax.local_device_count())
     data = LMData.build(cfg.data, run_dir=args.run_dir, vq_dir="", is_primary=pidx == 0)
-    cfg = lm.resolve_config(cfg, data.vocab)
+    cfg = lm.resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image)
     mesh = build_mesh(cfg.mesh)
     trainer = lm.get_trainer(cfg, mesh)
     state = trainer.init_state()

@@ -98,8 +98,8 @@ class Biased(nnx.Module):
     def init_cache(self, batch, max_len=None):
         return self.inner.init_cache(batch, max_len)
 
-    def decode(self, tokens_bt, positions_bt, cache, write_index, kv_mask_bs):
-        logits_btv, cache = self.inner.decode(tokens_bt, positions_bt, cache, write_index, kv_mask_bs)
+    def decode(self, tokens_bt, positions_bt, cache, write_index, kv_mask_bs, *image_index):
+        logits_btv, cache = self.inner.decode(tokens_bt, positions_bt, cache, write_index, kv_mask_bs, *image_index)
         return logits_btv + self.bias_fn(positions_bt + 1), cache
 
 

@@ -74,9 +74,18 @@ def maybe_initialize_distributed(cfg: LMTrainConfig) -> None:
     _DISTRIBUTED_READY = True
 
 
-def resolve_config(cfg: LMTrainConfig, vocab) -> LMTrainConfig:
-    """Fills model.vocab_size from the vocabulary and checks the row length."""
+def resolve_config(cfg: LMTrainConfig, vocab, codes_per_image: int = 0) -> LMTrainConfig:
+    """Fills model.vocab_size (and the image-position fields) from the vocabulary and tokenizer;
+    checks the row length."""
     model = cfg.model
+    if model.image_positions:
+        rows = codes_per_image if model.image_positions == -1 else model.image_positions
+        if rows < max(codes_per_image, 1):
+            raise configlib.ConfigError(
+                f"model.image_positions={model.image_positions} is fewer than the image tokenizer's "
+                f"{codes_per_image} codes per image; use -1 to take the tokenizer's count"
+            )
+        model = dataclasses.replace(model, image_positions=rows, boi_id=vocab.boi_id, eoi_id=vocab.eoi_id)
     if cfg.auto_vocab_size:
         model = dataclasses.replace(model, vocab_size=vocab.padded_size(cfg.vocab_multiple))
     elif model.vocab_size < vocab.size:
@@ -243,7 +252,7 @@ def run(cfg: LMTrainConfig) -> Path:
     primary = pidx == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     data = LMData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
-    cfg = resolve_config(cfg, data.vocab)
+    cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image)
     if primary:
         configlib.save(cfg, run_dir / "config.json")
     seq_len = data.seq_len

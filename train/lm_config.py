@@ -55,7 +55,7 @@ def _with_seq(cfg: LMTrainConfig, seq_len: int, **data) -> LMTrainConfig:
 def tiny() -> LMTrainConfig:
     """Seconds on a laptop CPU: the tiny model, short rows, a few dozen steps."""
     cfg = LMTrainConfig(
-        model=MODEL_PRESETS["tiny"](),
+        model=dataclasses.replace(MODEL_PRESETS["tiny"](), image_positions=-1),
         optim=OptimConfig(lr=3e-3, warmup_steps=10),
         steps=40,
         batch_size=8,
@@ -70,8 +70,10 @@ def tiny() -> LMTrainConfig:
 
 def small() -> LMTrainConfig:
     """The `small` model on Shapes: minutes to an hour on a CPU."""
+    # Learned image-code positions (see chameleon_jax.image_positions): at step 625 of the demo
+    # they took the eval loss from 0.589 to 0.543 (text 0.402 -> 0.378, image 0.646 -> 0.593).
     cfg = LMTrainConfig(
-        model=MODEL_PRESETS["small"](),
+        model=dataclasses.replace(MODEL_PRESETS["small"](), image_positions=-1),
         optim=OptimConfig(lr=1e-3, warmup_steps=100),
         steps=2000,
         batch_size=16,

@@ -38,6 +38,7 @@ from chameleon_jax.generation import modes
 from chameleon_jax.generation import sampling
 from chameleon_jax.generation.guidance import Guidance
 from chameleon_jax.generation.sampling import SamplingParams
+from chameleon_jax.image_positions import image_index
 from chameleon_jax.transformer import Transformer, unstack_layers
 
 
@@ -228,13 +229,20 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
     base_mask_rs = jnp.pad(mask_rp, ((0, 0), (0, limit)))
     base_len_r = mask_rp.sum(axis=1).astype(jnp.int32)
     positions_rp = jnp.maximum(jnp.cumsum(mask_rp, axis=1, dtype=jnp.int32) - 1, 0)
-    cache = nnx.merge(graphdef, model_state).init_cache(rows, cache_len)
+    model = nnx.merge(graphdef, model_state)
+    cache = model.init_cache(rows, cache_len)
+    # Models with learned image positions are told each fed token's index in its image.
+    index_args = lambda index_rt: ()  # noqa: E731
+    if getattr(model.cfg, "image_positions", 0) > 0:
+        index_args = lambda index_rt: (index_rt,)  # noqa: E731
+    index_rp = image_index(tokens_rp, boi_id=tables.boi_id, eoi_id=tables.eoi_id)
     # Prefill in two calls: the logits of all but the last prompt position are dead code that
     # XLA removes, so the output projection runs on one position per row, not P.
     if padded > 1:
-        _, cache = run_model(tokens_rp[:, :-1], positions_rp[:, :-1], cache, jnp.int32(0), base_mask_rs)
+        _, cache = run_model(tokens_rp[:, :-1], positions_rp[:, :-1], cache, jnp.int32(0), base_mask_rs,
+                             *index_args(index_rp[:, :-1]))
     logits_r1v, cache = run_model(tokens_rp[:, -1:], positions_rp[:, -1:], cache, jnp.int32(padded - 1),
-                                  base_mask_rs)
+                                  base_mask_rs, *index_args(index_rp[:, -1:]))
 
     row_state = modes.init_state(batch)
     token_b, row_state, logits_bv = _choose(logits_r1v[:, 0], row_state, jnp.int32(0), key, params, tables,
@@ -257,7 +265,11 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
         first_r = jnp.where(is_guide_r & (token_r == tables.boi_id), write, c.first_r)
         visible_rs = base_mask_rs | ((slots_s[None] >= first_r[:, None]) & (slots_s[None] <= write))
         pos_r = jnp.maximum(base_len_r + write - first_r, 0)
-        logits_r1v, cache = run_model(token_r[:, None], pos_r[:, None], c.cache, write, visible_rs)
+        # The fed token is a code of the open image iff the row is in image mode and it is no <boi>.
+        is_code_b = (c.row_state.mode_b == modes.IMAGE) & tables.image_v[c.token_b]
+        index_r = jnp.tile(jnp.where(is_code_b, spec.codes_per_image - c.row_state.codes_left_b - 1, -1), streams)
+        logits_r1v, cache = run_model(token_r[:, None], pos_r[:, None], c.cache, write, visible_rs,
+                                      *index_args(index_r[:, None]))
         token_b, row_state, logits_bv = _choose(logits_r1v[:, 0], c.row_state, c.step, key, params, tables,
                                                 spec, batch)
         logits_bnv = c.logits_bnv

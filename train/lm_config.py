@@ -97,7 +97,7 @@ def demo() -> LMTrainConfig:
     return dataclasses.replace(
         cfg, steps=1250, run_dir="runs/demo/lm", eval_interval=625, checkpoint_interval=625,
         optim=dataclasses.replace(cfg.optim, lr=3e-3, warmup_steps=50),
-        data=dataclasses.replace(cfg.data, interleaved_weight=0.25, vqa_weight=2.0),
+        data=dataclasses.replace(cfg.data, interleaved_weight=0.25),
     )
 
 

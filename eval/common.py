@@ -115,6 +115,18 @@ def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, **kw
     return results
 
 
+def accuracy_by_objects(name: str, right: Sequence[bool], num_objects: Sequence[int]) -> dict[str, float]:
+    """`{name}_{n}_objects`: the accuracy over the items whose picture holds n objects, for each n.
+
+    A model that sees every object's attributes but cannot tell which belongs to which
+    scores well on one-object pictures and near chance on two-object ones.
+    """
+    groups: dict[int, list[bool]] = {}
+    for ok, n in zip(right, num_objects):
+        groups.setdefault(int(n), []).append(bool(ok))
+    return {f"{name}_{n}_objects": sum(v) / len(v) for n, v in sorted(groups.items())}
+
+
 def text_of(segments: Sequence[Any]) -> str:
     """The generated text of a result (its str segments joined)."""
     return " ".join(s.strip() for s in segments if isinstance(s, str)).strip()

@@ -52,6 +52,8 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
             out[f"t2i_count_accuracy_{tag}{suffix}"] = sum(count) / len(count)
             out[f"t2i_num_{tag}"] = len(exact)
             if suffix == "":
+                out.update(common.accuracy_by_objects(
+                    f"t2i_judge_accuracy_{tag}", exact, [len(shapes.example_objects(ex)) for ex in examples]))
                 for i, (p, img, ok) in enumerate(list(zip(prompts, images, exact))[: num_samples // 2]):
                     if img is not None:
                         rel = common.save_png(cfg.run_dir, f"eval/t2i/{tag}_{i}.png", img)

@@ -29,6 +29,7 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
         by_type[d.meta["question_type"]].append(ok)
     out = {"vqa_accuracy": sum(right) / len(right), "num_questions": len(right)}
     out.update({f"vqa_{t}_accuracy": sum(v) / len(v) for t, v in sorted(by_type.items())})
+    out.update(common.accuracy_by_objects("vqa_accuracy", right, [len(d.meta["objects"]) for d in docs]))
     out["samples"] = [
         {"image": common.save_png(cfg.run_dir, f"eval/vqa/{i}.png", d.segments[0].image),
          "question": d.meta["question"], "answer": a, "reference": d.meta["answer"], "correct": ok}

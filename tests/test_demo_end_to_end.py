@@ -26,6 +26,9 @@ def test_tiny_demo_runs_end_to_end_and_reuses_stages(tmp_path, monkeypatch, caps
         if key != "vq_psnr_db":
             assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     assert metrics["judge_accuracy_ground_truth"] >= 0.995
+    for name in ("caption_exact_match", "vqa_accuracy", "t2i_judge_accuracy_seen"):
+        split = [k for k in metrics if k.startswith(name + "_") and k.endswith("_objects")]
+        assert split and all(0.0 <= metrics[k] <= 1.0 for k in split), (name, split)
     assert metrics["vq_psnr_db"] > 5.0
     page = (run_dir / "report.html").read_text()
     for section in ("Headline figures", "Captioning", "Text to image", "Interleaved", "Loss curves"):

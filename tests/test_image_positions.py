@@ -108,4 +108,5 @@ def test_train_config_takes_rows_and_ids_from_the_tokenizer_and_vocabulary():
     few = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_positions=K - 1))
     with pytest.raises(ConfigError, match="fewer than the image tokenizer's 9 codes"):
         train_lm.resolve_config(few, VOCAB, codes_per_image=K)
-    assert train_lm.resolve_config(cfg, VOCAB, codes_per_image=K).model.image_positions == 0
+    off = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_positions=0))
+    assert train_lm.resolve_config(off, VOCAB, codes_per_image=K).model.image_positions == 0

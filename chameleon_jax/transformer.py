@@ -113,13 +113,18 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return make(rngs)
 
 
-def _check_image_positions(cfg: ModelConfig) -> None:
+def _image_position_embed(cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> ImagePositionEmbed | None:
+    """The learned image-position table of `cfg.image_positions` rows, or None when it is 0."""
+    if not cfg.image_positions:
+        return None
     if cfg.image_positions < 0:
         raise ValueError(f"model.image_positions={cfg.image_positions}: the model needs a row count "
                          "(train.lm resolves -1 to the tokenizer's codes per image)")
     if cfg.boi_id < 0 or cfg.eoi_id < 0 or cfg.boi_id >= cfg.vocab_size or cfg.eoi_id >= cfg.vocab_size:
         raise ValueError(f"model.image_positions={cfg.image_positions} needs model.boi_id and model.eoi_id inside the "
                          f"vocabulary of {cfg.vocab_size}, got {cfg.boi_id} and {cfg.eoi_id}")
+    return ImagePositionEmbed(cfg.image_positions, cfg.hidden_dim, init_std=cfg.initializer_range, dtype=dtype,
+                              param_dtype=param_dtype, rngs=rngs)
 
 
 class Transformer(nnx.Module):
@@ -130,12 +135,7 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_dim, init_std=cfg.initializer_range, dtype=dtype,
                            param_dtype=pdtype, rngs=rngs)
-        if cfg.image_positions:
-            _check_image_positions(cfg)
-        self.image_pos = ImagePositionEmbed(
-            cfg.image_positions, cfg.hidden_dim, init_std=cfg.initializer_range, dtype=dtype, param_dtype=pdtype,
-            rngs=rngs,
-        ) if cfg.image_positions else None
+        self.image_pos = _image_position_embed(cfg, dtype, pdtype, rngs)
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:

@@ -45,7 +45,7 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
     out = {f"caption_{k}_accuracy": sum(s[k] for s in scores) / n for k in (*ATTRIBUTES, "count")}
     out["caption_exact_match"] = sum(s["exact"] for s in scores) / n
     out.update(common.accuracy_by_objects("caption_exact_match", [s["exact"] for s in scores],
-                                          [len(shapes.example_objects(ex)) for ex in examples]))
+                                          [ex["num_objects"] for ex in examples]))
     out["caption_parse_rate"] = sum(shapes.parse_caption(c) is not None for c in captions) / n
     refs = [list(ex["captions"]) for ex in examples]
     out["caption_bleu4"] = bleu4(captions, refs)

@@ -53,7 +53,7 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
             out[f"t2i_num_{tag}"] = len(exact)
             if suffix == "":
                 out.update(common.accuracy_by_objects(
-                    f"t2i_judge_accuracy_{tag}", exact, [len(shapes.example_objects(ex)) for ex in examples]))
+                    f"t2i_judge_accuracy_{tag}", exact, [ex["num_objects"] for ex in examples]))
                 for i, (p, img, ok) in enumerate(list(zip(prompts, images, exact))[: num_samples // 2]):
                     if img is not None:
                         rel = common.save_png(cfg.run_dir, f"eval/t2i/{tag}_{i}.png", img)

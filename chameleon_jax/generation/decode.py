@@ -212,12 +212,17 @@ class _Carry(NamedTuple):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key, *, spec):
-    def run_model(*args):
+    model = nnx.merge(graphdef, model_state)
+    # Models with learned image positions are told each fed token's index in its image.
+    positioned = getattr(model.cfg, "image_positions", 0) > 0
+
+    def run_model(tokens_rt, positions_rt, cache, write, kv_mask_rs, index_rt=None):
         # Fresh Variable objects at each trace level (tree.map rebuilds them): nnx transforms
         # inside the model (nnx.scan over stacked layers) refuse variables created outside
         # the while loop's trace.
         model = nnx.merge(graphdef, jax.tree.map(lambda x: x, model_state), copy=True)
-        return model.decode(*args)
+        index = () if index_rt is None else (index_rt,)
+        return model.decode(tokens_rt, positions_rt, cache, write, kv_mask_rs, *index)
 
     rows, padded = tokens_rp.shape
     streams = guidance_lib.FORMS.index(spec.form) + 1
@@ -229,20 +234,18 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
     base_mask_rs = jnp.pad(mask_rp, ((0, 0), (0, limit)))
     base_len_r = mask_rp.sum(axis=1).astype(jnp.int32)
     positions_rp = jnp.maximum(jnp.cumsum(mask_rp, axis=1, dtype=jnp.int32) - 1, 0)
-    model = nnx.merge(graphdef, model_state)
     cache = model.init_cache(rows, cache_len)
-    # Models with learned image positions are told each fed token's index in its image.
-    index_args = lambda index_rt: ()  # noqa: E731
-    if getattr(model.cfg, "image_positions", 0) > 0:
-        index_args = lambda index_rt: (index_rt,)  # noqa: E731
-    index_rp = image_index(tokens_rp, boi_id=tables.boi_id, eoi_id=tables.eoi_id)
+    head_index = last_index = None
+    if positioned:
+        index_rp = image_index(tokens_rp, boi_id=tables.boi_id, eoi_id=tables.eoi_id)
+        head_index, last_index = index_rp[:, :-1], index_rp[:, -1:]
     # Prefill in two calls: the logits of all but the last prompt position are dead code that
     # XLA removes, so the output projection runs on one position per row, not P.
     if padded > 1:
         _, cache = run_model(tokens_rp[:, :-1], positions_rp[:, :-1], cache, jnp.int32(0), base_mask_rs,
-                             *index_args(index_rp[:, :-1]))
+                             head_index)
     logits_r1v, cache = run_model(tokens_rp[:, -1:], positions_rp[:, -1:], cache, jnp.int32(padded - 1),
-                                  base_mask_rs, *index_args(index_rp[:, -1:]))
+                                  base_mask_rs, last_index)
 
     row_state = modes.init_state(batch)
     token_b, row_state, logits_bv = _choose(logits_r1v[:, 0], row_state, jnp.int32(0), key, params, tables,
@@ -265,11 +268,11 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
         first_r = jnp.where(is_guide_r & (token_r == tables.boi_id), write, c.first_r)
         visible_rs = base_mask_rs | ((slots_s[None] >= first_r[:, None]) & (slots_s[None] <= write))
         pos_r = jnp.maximum(base_len_r + write - first_r, 0)
-        # The fed token is a code of the open image iff the row is in image mode and it is no <boi>.
-        is_code_b = (c.row_state.mode_b == modes.IMAGE) & tables.image_v[c.token_b]
-        index_r = jnp.tile(jnp.where(is_code_b, spec.codes_per_image - c.row_state.codes_left_b - 1, -1), streams)
-        logits_r1v, cache = run_model(token_r[:, None], pos_r[:, None], c.cache, write, visible_rs,
-                                      *index_args(index_r[:, None]))
+        index_r1 = None
+        if positioned:  # guidance rows feed the same token at the same index as their own row
+            index_b = modes.code_index(c.row_state, c.token_b, tables, codes_per_image=spec.codes_per_image)
+            index_r1 = jnp.tile(index_b, streams)[:, None]
+        logits_r1v, cache = run_model(token_r[:, None], pos_r[:, None], c.cache, write, visible_rs, index_r1)
         token_b, row_state, logits_bv = _choose(logits_r1v[:, 0], c.row_state, c.step, key, params, tables,
                                                 spec, batch)
         logits_bnv = c.logits_bnv

@@ -129,6 +129,13 @@ def forced_tokens(state: RowState, tables: TokenTables, step: jax.Array, *, moda
     return jnp.where(state.done_b, tables.pad_id, forced_b)
 
 
+def code_index(state: RowState, token_b: jax.Array, tables: TokenTables, *, codes_per_image: int) -> jax.Array:
+    """int32 [B]: the index in its image of token_b, which `advance` has already counted into
+    `state` (0 for an image's first code), or -1 where it is no code (text, <boi>, <eoi>, <pad>)."""
+    is_code_b = (state.mode_b == IMAGE) & tables.image_v[token_b]
+    return jnp.where(is_code_b, codes_per_image - state.codes_left_b - 1, -1)
+
+
 def advance(state: RowState, token_b: jax.Array, tables: TokenTables, step: jax.Array, *, limit: int,
             codes_per_image: int, modality: str) -> RowState:
     """The state after each row emitted token_b as generated token number `step`."""

@@ -143,6 +143,23 @@ def test_parse_caption_reads_the_stored_captions_of_every_split():
                 assert shapes.parse_caption(cap) == shapes.example_objects(ex), cap
 
 
+def test_two_object_captions_name_the_objects_in_reading_order():
+    a, b = spec.ObjectAttrs(0, 1, 1, 2, 2), spec.ObjectAttrs(1, 2, 0, 0, 1)  # b comes first in reading order
+    rng = np.random.default_rng(0)
+    for t in range(len(text.TWO_OBJECT_TEMPLATES)):
+        for _ in range(4):
+            cap = text.caption([a, b], t, rng)
+            assert cap.index(b.describe()) < cap.index(a.describe()), cap
+    seen = 0
+    for ex in _examples("train", 100):
+        first, second = shapes.example_objects(ex) if ex["num_objects"] == 2 else (None, None)
+        for cap in ex["captions"] if first else ():
+            start = cap.index(first.describe())
+            assert cap.index(second.describe(), start + 1) > start, cap
+            seen += 1
+    assert seen > 100
+
+
 @pytest.mark.parametrize(
     "caption",
     ["", "hello world", "a red circle in the top left.", "a large red circle.", "in the top left.",

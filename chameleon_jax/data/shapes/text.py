@@ -56,13 +56,19 @@ TWO_OBJECT_TEMPLATES = (
 
 
 def caption(objects: Sequence[spec.ObjectAttrs], template: int, rng: np.random.Generator) -> str:
-    """The caption of a scene with caption template number `template` (objects in random order)."""
+    """The caption of a scene with caption template number `template`, naming the objects in
+    reading order (row, then column), the order an image's codes are generated in.
+
+    With the two objects in random order, a captioner had to pick one and keep to it across its
+    size, colour and shape words; in reading order the first one named is always the one met first
+    (1250-step demo: exact match on two-object pictures 0.36 -> 0.69, t2i seen 0.45 -> 0.53).
+    """
     if len(objects) == 1:
         (o,) = objects
         d = o.describe()
         return ONE_OBJECT_TEMPLATES[template].format(a=_article(d), o=d, p=at_position(o, rng))
     if len(objects) == 2:
-        first, second = (objects[0], objects[1]) if rng.random() < 0.5 else (objects[1], objects[0])
+        first, second = spec.canonical(objects)
         d1, d2 = first.describe(), second.describe()
         return TWO_OBJECT_TEMPLATES[template].format(
             a1=_article(d1), o1=d1, p1=at_position(first, rng), a2=_article(d2), o2=d2, p2=at_position(second, rng)

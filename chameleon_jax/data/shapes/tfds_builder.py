@@ -72,8 +72,8 @@ class ChameleonShapes(tfds.core.GeneratorBasedBuilder):
     """Synthetic pictures of one or two coloured shapes, with captions and questions."""
 
     name = "chameleon_shapes"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Two-object captions name the objects in reading order."}
     BUILDER_CONFIGS = [make_config(s) for s in spec.IMAGE_SIZES]
     DEFAULT_CONFIG_NAME = "64px"
 

@@ -71,10 +71,6 @@ class LMDataConfig:
            "per object, in random order, none answerable from an earlier turn; 0 = all of those, k > 0 = k of them at random "
            "(1 = one-question documents as in the evaluation)"
     )
-    vqa_cell_questions: int = param(
-        1, "per object in a training VQA dialogue, unless it is asked where it is: how many of its colour, shape and "
-           "size questions (each naming its cell) are asked, 1 to 3"
-    )
     interleaved_weight: float = param(0.5, "Shapes mixture weight: interleaved text/image documents")
     interleaved_docs: int = param(2000, "interleaved (edit) Shapes documents per split to draw from; 0 = one per example")
     jsonl_train: str = param("", "JSON Lines file of training documents (source=jsonl)")
@@ -257,7 +253,6 @@ class ShapesSource:
         w = np.array([weights[t] for t in self.tasks], np.float64)
         self.probs = w / w.sum()
         self.vqa_questions = cfg.vqa_questions_per_doc
-        self.vqa_cell_questions = cfg.vqa_cell_questions
         n_examples = cfg.train_examples if split == cfg.train_split else cfg.eval_examples
         kw = dict(sizes={split: n_examples} if n_examples else None, backend=cfg.shapes_backend)
         self.name = f"shapes-{split}-{cfg.image_size}-{n_examples or 'default'}"
@@ -286,7 +281,7 @@ class ShapesSource:
             return self.shapes.caption_document(example, rng)
         if task == "t2i":
             return self.shapes.t2i_document(example, rng)
-        return self.shapes.vqa_dialogue_document(example, rng, self.vqa_questions, self.vqa_cell_questions)
+        return self.shapes.vqa_dialogue_document(example, rng, self.vqa_questions)
 
     def images(self) -> list[np.ndarray]:
         """Every image the stream can show (the split's pictures and the interleaved ones)."""

@@ -223,13 +223,11 @@ def test_task_documents():
     assert len(shapes.vqa_dialogue_document(ex, np.random.default_rng(1), max_questions=1).segments) == 3
 
 
-@pytest.mark.parametrize("cell_questions", [1, 3])
-def test_no_vqa_dialogue_answer_can_be_read_off_an_earlier_turn(cell_questions):
-    """An object is asked where it is (a question that names its colour and shape) alone, or by its
-    cell about `cell_questions` of its colour, shape and size: never both, so no position follows a
-    question naming that cell and no attribute follows a question naming it."""
+def test_no_vqa_dialogue_answer_can_be_read_off_an_earlier_turn():
+    """Each object is asked about once: a position question never follows a question naming that
+    object's cell (the answer would be in the text), and no attribute question follows its position."""
     src = shapes.load("train", 64, backend="generate", sizes={"train": 60})
-    seen_types, firsts, per_object = set(), set(), []
+    seen_types, firsts = set(), set()
     for i in range(60):
         ex = src[i]
         owner = {}  # question -> object index, from the order text.questions asks them in
@@ -237,21 +235,16 @@ def test_no_vqa_dialogue_answer_can_be_read_off_an_earlier_turn(cell_questions):
         for q, t in zip(ex["questions"], ex["question_types"]):
             k += t == "color"
             owner[q] = None if t == "count" else k
-        kind = dict(zip(ex["questions"], ex["question_types"]))
         for seed in range(3):
-            doc = shapes.vqa_dialogue_document(ex, np.random.default_rng([i, seed]), cell_questions=cell_questions)
+            doc = shapes.vqa_dialogue_document(ex, np.random.default_rng([i, seed]))
             asked = [s.text for s in doc.segments[1::2]]
-            assert len(asked) == len(set(asked)) and sum(kind[q] == "count" for q in asked) == 1
-            for obj in range(len(shapes.example_objects(ex))):
-                types = [kind[q] for q in asked if owner[q] == obj]
-                assert types == ["position"] or (len(types) == cell_questions and "position" not in types), types
-                per_object.append(len(types))
-            seen_types.update(kind[q] for q in asked)
-            firsts.add(kind[asked[0]])
+            about = [owner[q] for q in asked if owner[q] is not None]
+            assert len(about) == len(set(about)) == len(shapes.example_objects(ex))
+            seen_types.update(t for q, t in zip(ex["questions"], ex["question_types"]) if q in asked)
+            firsts.add(dict(zip(ex["questions"], ex["question_types"]))[asked[0]])
     assert seen_types == {"count", "color", "shape", "size", "position"}
     # Every kind of question also comes first, straight after the picture, as in the evaluation prompt.
     assert firsts == seen_types
-    assert set(per_object) == ({1} if cell_questions == 1 else {1, 3})
 
 
 @pytest.mark.parametrize("split", spec.SPLITS)
@@ -286,21 +279,3 @@ def test_example_rng_is_independent_of_split_size():
     b = scenes.example_rng(0, "train", 17).integers(1 << 30)
     c = scenes.example_rng(0, "train", 18).integers(1 << 30)
     assert a == b != c
-
-
-def test_vqa_cell_questions_outside_one_to_three_is_refused():
-    import dataclasses
-
-    from chameleon_jax.configlib import ConfigError
-    from tests.test_generation_fixtures import toy_vocab
-    from train import lm as train_lm
-    from train.lm_config import PRESETS
-
-    ex = _examples("train", 1)[0]
-    with pytest.raises(ValueError, match="cell_questions must be 1 to 3, got 0"):
-        shapes.vqa_dialogue_document(ex, np.random.default_rng(0), cell_questions=0)
-    cfg = PRESETS["tiny"]()
-    for bad in (0, 4):
-        wrong = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, vqa_cell_questions=bad))
-        with pytest.raises(ConfigError, match=f"data.vqa_cell_questions={bad}"):
-            train_lm.resolve_config(wrong, toy_vocab(), codes_per_image=9)

@@ -93,10 +93,6 @@ def resolve_config(cfg: LMTrainConfig, vocab, codes_per_image: int = 0) -> LMTra
             f"model.vocab_size={model.vocab_size} is smaller than the vocabulary ({vocab.size} ids); "
             "raise it or set auto_vocab_size=true"
         )
-    if not 1 <= cfg.data.vqa_cell_questions <= 3:
-        raise configlib.ConfigError(
-            f"data.vqa_cell_questions={cfg.data.vqa_cell_questions}: an object has 1 to 3 questions naming its cell"
-        )
     seq_len = cfg.data.sequence.seq_len
     if seq_len > model.max_seq_len:
         raise configlib.ConfigError(

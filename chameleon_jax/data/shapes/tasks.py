@@ -77,36 +77,23 @@ def _questions_by_object(question_types: list[str]) -> list[list[int]]:
     return groups
 
 
-def vqa_dialogue_document(example: Mapping[str, Any], rng: np.random.Generator, max_questions: int = 0,
-                          cell_questions: int = 1) -> Document:
+def vqa_dialogue_document(example: Mapping[str, Any], rng: np.random.Generator, max_questions: int = 0) -> Document:
     """[image (prompt), q1 (prompt), a1 <eot> (target), q2 (prompt), a2 <eot> (target), ...]: the
-    count question and questions about each object, in an order picked with `rng`
+    count question and one question about each object, in an order picked with `rng`
     (`max_questions` > 0 keeps that many of them, picked with `rng`, in the same order).
 
     The training form of VQA: one picture's codes serve every answer after it, so a row
-    carries several answers per picture instead of one. No answer can be read off an
-    earlier turn. Each object is asked either where it is ("where is the red circle?",
-    which names its colour and shape) or, by its cell, `cell_questions` of its colour, shape
-    and size questions ("what shape is at the top?"), which share nothing but the cell the
-    question names; the first with the chance it has among the object's questions. (With every
-    question of a picture in one dialogue, "where is the magenta diamond?" came after "which
-    colour is the object in the center?"; the model learnt to copy the position from the
-    question and answered position questions asked alone at chance.) Any question may come
-    first, right after the picture, as in the one-question evaluation prompt; every answer
-    ends its turn with `<eot>`, where generation stops.
+    carries several answers per picture instead of one. No attribute can be read off an
+    earlier turn, since each object is asked about once. (With every question of a picture
+    in one dialogue, "where is the magenta diamond?" came after "which colour is the object
+    in the center?"; the model learnt to copy the position from the question and answered
+    position questions asked alone at chance.) Any question may come first, right after the
+    picture, as in the one-question evaluation prompt; every answer ends its turn with
+    `<eot>`, where generation stops.
     """
-    if cell_questions < 1:
-        raise ValueError(f"cell_questions must be 1 to 3, got {cell_questions}")
     qas = list(zip(example["questions"], example["answers"], example["question_types"]))
-    chosen = []
-    for group in _questions_by_object([t for _, _, t in qas]):
-        pick = int(rng.integers(len(group)))
-        if qas[group[pick]][2] in ("count", "position") or cell_questions <= 1:
-            chosen.append(group[pick])
-            continue
-        by_cell = [i for i in group if qas[i][2] != "position"]
-        chosen += [by_cell[int(k)] for k in rng.choice(len(by_cell), min(cell_questions, len(by_cell)), replace=False)]
-    order = [chosen[int(k)] for k in rng.permutation(len(chosen))]
+    groups = _questions_by_object([t for _, _, t in qas])
+    order = [int(g[int(rng.integers(len(g)))]) for g in (groups[int(k)] for k in rng.permutation(len(groups)))]
     if 0 < max_questions < len(order):
         order = [order[int(k)] for k in sorted(rng.choice(len(order), max_questions, replace=False))]
     segments = [Segment(image=example["image"], is_target=False)]

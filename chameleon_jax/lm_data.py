@@ -65,12 +65,7 @@ class LMDataConfig:
     shapes_backend: str = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
     caption_weight: float = param(1.0, "Shapes mixture weight: image -> caption")
     t2i_weight: float = param(1.0, "Shapes mixture weight: caption -> image")
-    vqa_weight: float = param(1.0, "Shapes mixture weight: image + question -> answer")
-    vqa_questions_per_doc: int = param(
-        0, "questions (each with its answer) per training VQA dialogue about one picture: the count and one "
-           "per object, in random order, none answerable from an earlier turn; 0 = all of those, k > 0 = k of them at random "
-           "(1 = one-question documents as in the evaluation)"
-    )
+    vqa_weight: float = param(1.0, "Shapes mixture weight: question + image -> answer")
     interleaved_weight: float = param(0.5, "Shapes mixture weight: interleaved text/image documents")
     interleaved_docs: int = param(2000, "interleaved (edit) Shapes documents per split to draw from; 0 = one per example")
     jsonl_train: str = param("", "JSON Lines file of training documents (source=jsonl)")
@@ -252,7 +247,6 @@ class ShapesSource:
             raise ValueError("every Shapes task weight is 0; give at least one a positive weight")
         w = np.array([weights[t] for t in self.tasks], np.float64)
         self.probs = w / w.sum()
-        self.vqa_questions = cfg.vqa_questions_per_doc
         n_examples = cfg.train_examples if split == cfg.train_split else cfg.eval_examples
         kw = dict(sizes={split: n_examples} if n_examples else None, backend=cfg.shapes_backend)
         self.name = f"shapes-{split}-{cfg.image_size}-{n_examples or 'default'}"
@@ -281,7 +275,7 @@ class ShapesSource:
             return self.shapes.caption_document(example, rng)
         if task == "t2i":
             return self.shapes.t2i_document(example, rng)
-        return self.shapes.vqa_dialogue_document(example, rng, self.vqa_questions)
+        return self.shapes.vqa_document(example, rng)
 
     def images(self) -> list[np.ndarray]:
         """Every image the stream can show (the split's pictures and the interleaved ones)."""

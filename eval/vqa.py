@@ -18,7 +18,7 @@ def normalise(answer: str) -> str:
 
 def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
     docs = [d for ex in common.load_examples(cfg) for d in shapes.vqa_documents(ex)]
-    prompts = [[d.segments[0].image, d.segments[1].text] for d in docs]
+    prompts = [[d.segments[0].text, d.segments[1].image] for d in docs]  # question, then picture
     results = common.generate_all(
         pipe, prompts, cfg, "vqa", modality="text", max_new_tokens=16, temperature=cfg.temperature
     )
@@ -31,7 +31,7 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
     out.update({f"vqa_{t}_accuracy": sum(v) / len(v) for t, v in sorted(by_type.items())})
     out.update(common.accuracy_by_objects("vqa_accuracy", right, [len(d.meta["objects"]) for d in docs]))
     out["samples"] = [
-        {"image": common.save_png(cfg.run_dir, f"eval/vqa/{i}.png", d.segments[0].image),
+        {"image": common.save_png(cfg.run_dir, f"eval/vqa/{i}.png", d.segments[1].image),
          "question": d.meta["question"], "answer": a, "reference": d.meta["answer"], "correct": ok}
         for i, (d, a, ok) in enumerate(list(zip(docs, answers, right))[:num_samples])
     ]

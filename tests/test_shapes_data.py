@@ -3,6 +3,7 @@
 Nothing here needs TensorFlow Datasets; the TFDS build is tested in test_shapes_tfds.py.
 """
 
+import collections
 import itertools
 import re
 
@@ -209,42 +210,29 @@ def test_task_documents():
     vqa = shapes.vqa_documents(ex)
     assert len(vqa) == len(ex["questions"])
     for d, q, a, t in zip(vqa, ex["questions"], ex["answers"], ex["question_types"]):
-        assert d.task == "vqa" and [s.is_target for s in d.segments] == [False, False, True]
-        assert d.segments[1].text == q and d.segments[2].text == a and d.segments[2].end_turn
+        assert d.task == "vqa" and [s.kind for s in d.segments] == ["text", "image", "text"]
+        assert [s.is_target for s in d.segments] == [False, False, True]
+        assert d.segments[0].text == q and d.segments[2].text == a and d.segments[2].end_turn
+        np.testing.assert_array_equal(d.segments[1].image, ex["image"])
         assert d.meta["question_type"] == t and d.meta["answer"] == a
-    # The training form: the count and one question per object, each answer a target ending its turn.
-    dialogue = shapes.vqa_dialogue_document(ex, np.random.default_rng(1))
-    segs = dialogue.segments
-    assert dialogue.task == "vqa" and segs[0].kind == "image" and not segs[0].is_target
-    assert all(not q.is_target and a.is_target and a.end_turn for q, a in zip(segs[1::2], segs[2::2]))
-    asked = [(q.text, a.text) for q, a in zip(segs[1::2], segs[2::2])]
-    assert set(asked) <= set(zip(ex["questions"], ex["answers"]))
-    assert len(asked) == 1 + len(objs) and ex["questions"][0] in [q for q, _ in asked]
-    assert len(shapes.vqa_dialogue_document(ex, np.random.default_rng(1), max_questions=1).segments) == 3
 
 
-def test_no_vqa_dialogue_answer_can_be_read_off_an_earlier_turn():
-    """Each object is asked about once: a position question never follows a question naming that
-    object's cell (the answer would be in the text), and no attribute question follows its position."""
+def test_vqa_training_documents_ask_one_question_of_every_kind_and_few_counts():
+    """The training form has the evaluation's layout, one question per document."""
     src = shapes.load("train", 64, backend="generate", sizes={"train": 60})
-    seen_types, firsts = set(), set()
+    kinds = collections.Counter()
     for i in range(60):
         ex = src[i]
-        owner = {}  # question -> object index, from the order text.questions asks them in
-        k = -1
-        for q, t in zip(ex["questions"], ex["question_types"]):
-            k += t == "color"
-            owner[q] = None if t == "count" else k
-        for seed in range(3):
-            doc = shapes.vqa_dialogue_document(ex, np.random.default_rng([i, seed]))
-            asked = [s.text for s in doc.segments[1::2]]
-            about = [owner[q] for q in asked if owner[q] is not None]
-            assert len(about) == len(set(about)) == len(shapes.example_objects(ex))
-            seen_types.update(t for q, t in zip(ex["questions"], ex["question_types"]) if q in asked)
-            firsts.add(dict(zip(ex["questions"], ex["question_types"]))[asked[0]])
-    assert seen_types == {"count", "color", "shape", "size", "position"}
-    # Every kind of question also comes first, straight after the picture, as in the evaluation prompt.
-    assert firsts == seen_types
+        asked = dict(zip(ex["questions"], zip(ex["answers"], ex["question_types"])))
+        for seed in range(5):
+            doc = shapes.vqa_document(ex, np.random.default_rng([i, seed]))
+            q, image, a = doc.segments
+            assert doc.task == "vqa" and (q.kind, image.kind, a.kind) == ("text", "image", "text")
+            assert not q.is_target and not image.is_target and a.is_target and a.end_turn
+            assert asked[q.text] == (a.text, doc.meta["question_type"])
+            kinds[doc.meta["question_type"]] += 1
+    assert set(kinds) == {"count", "color", "shape", "size", "position"}
+    assert kinds["count"] < 0.2 * sum(kinds.values())
 
 
 @pytest.mark.parametrize("split", spec.SPLITS)

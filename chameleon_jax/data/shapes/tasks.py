@@ -46,9 +46,10 @@ def _vqa_segments(image: np.ndarray, question: str, answer: str) -> tuple[Segmen
     The question comes first so that the picture is read knowing what is asked: each image code
     can take in whether it lies in the cell the question names, or has the colour and shape it
     names, and the answer then reads the codes marked so. With the picture first, the answer alone
-    had to find the object the question means, and on two-object pictures (1250-step demo) it
-    answered about the first object in reading order about as often whichever one was asked about
-    (position questions: 52 of 104 right, chance).
+    had to find the object the question means. In the 1250-step demo, asked the colour of the
+    second object (in reading order) of a two-object picture, the model answered right 23 times of
+    49 with the picture first (22 times it gave the first object's colour) and 38 times of 49 with
+    the question first.
     """
     return (Segment(text=question, is_target=False), Segment(image=image, is_target=False),
             Segment(text=answer, end_turn=True))

@@ -44,25 +44,30 @@ def _vqa_segments(image: np.ndarray, question: str, answer: str) -> tuple[Segmen
     """[question (prompt), image (prompt), answer <eot> (target)].
 
     The question comes first so that the picture is read knowing what is asked: each image code
-    can take in whether it lies in the cell the question names, or has the colour and shape it
-    names, and the answer then reads the codes marked so. With the picture first, the answer alone
-    had to find the object the question means. In the 1250-step demo, asked the colour of the
-    second object (in reading order) of a two-object picture, the model answered right 23 times of
-    49 with the picture first (22 times it gave the first object's colour) and 38 times of 49 with
-    the question first.
+    can take in whether it lies in the cell the question names, and the answer then reads the
+    codes marked so. With the picture first, the answer alone had to find the object the question
+    means. In 1250-step demo runs, asked the colour of the second object (in reading order) of a
+    two-object picture, the model answered right 23 times of 49 with the picture first (22 times
+    it gave the first object's colour) and 38 times of 49 with the question first. Questions that
+    name the object and ask its cell stayed at chance in both layouts.
     """
     return (Segment(text=question, is_target=False), Segment(image=image, is_target=False),
             Segment(text=answer, end_turn=True))
 
 
+def _vqa_document(example: Mapping[str, Any], objects: list, i: int) -> Document:
+    """The example's question number i with its answer, laid out by `_vqa_segments`."""
+    q, a, t = example["questions"][i], example["answers"][i], example["question_types"][i]
+    return Document(
+        _vqa_segments(example["image"], q, a), task="vqa",
+        meta={"objects": objects, "question": q, "answer": a, "question_type": t, "index": int(example["index"])},
+    )
+
+
 def vqa_documents(example: Mapping[str, Any]) -> list[Document]:
-    """One document per question of the example (`_vqa_segments`): the evaluation form."""
+    """One document per question of the example: the evaluation form."""
     objects = records.example_objects(example)
-    return [
-        Document(_vqa_segments(example["image"], q, a), task="vqa",
-                 meta={"objects": objects, "question": q, "answer": a, "question_type": t, "index": int(example["index"])})
-        for q, a, t in zip(example["questions"], example["answers"], example["question_types"])
-    ]
+    return [_vqa_document(example, objects, i) for i in range(len(example["questions"]))]
 
 
 def _questions_by_object(question_types: list[str]) -> list[list[int]]:
@@ -84,19 +89,13 @@ def vqa_document(example: Mapping[str, Any], rng: np.random.Generator) -> Docume
     """The training form of VQA: one question of the example, picked with `rng`, laid out as in
     `vqa_documents`. The count question with chance COUNT_QUESTION_SHARE, else a question about an
     object picked uniformly (then one of that object's questions, uniformly)."""
-    qas = list(zip(example["questions"], example["answers"], example["question_types"]))
-    count, *objects = _questions_by_object([t for _, _, t in qas])
+    count, *objects = _questions_by_object(list(example["question_types"]))
     if not objects or rng.random() < COUNT_QUESTION_SHARE:
         i = count[0]
     else:
         group = objects[int(rng.integers(len(objects)))]
         i = group[int(rng.integers(len(group)))]
-    q, a, t = qas[i]
-    return Document(
-        _vqa_segments(example["image"], q, a), task="vqa",
-        meta={"objects": records.example_objects(example), "question": q, "answer": a, "question_type": t,
-              "index": int(example["index"])},
-    )
+    return _vqa_document(example, records.example_objects(example), i)
 
 
 def edit_document(example: Mapping[str, Any], split: str, seed: int = 0) -> Document:

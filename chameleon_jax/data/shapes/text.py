@@ -61,7 +61,7 @@ def caption(objects: Sequence[spec.ObjectAttrs], template: int, rng: np.random.G
 
     With the two objects in random order, a captioner had to pick one and keep to it across its
     size, colour and shape words; in reading order the first one named is always the one met first
-    (1250-step demo: exact match on two-object pictures 0.36 -> 0.69, t2i seen 0.45 -> 0.53).
+    (1250-step demo runs: exact match on two-object pictures 0.36 -> 0.69, t2i seen 0.45 -> 0.53).
     """
     if len(objects) == 1:
         (o,) = objects

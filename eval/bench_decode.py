@@ -9,7 +9,8 @@ identical weights (the table shows their largest prefill logit difference). Both
 generate `new_tokens` greedy text tokens per row from the same prompts, in this process,
 one after the other; tokens/s = rows * new_tokens / wall seconds (prefill included, the
 compile / first call excluded, best of `repeats`; Hugging Face gets the best of the torch
-thread counts in `hf_threads`). A second table gives seconds per
+thread counts in `hf_threads`). Where JAX runs on a GPU, Hugging Face runs on it too
+(`hf_device`), synchronised before its clock is read. A second table gives seconds per
 generated image (the image's tokens only, no pixel decoding) without and with two-stream
 classifier-free guidance, for 64- and 1024-code images on `image_preset` with its context
 raised to fit.
@@ -49,8 +50,9 @@ class BenchConfig:
     cfg_scale: float = param(3.0, "guidance scale of the guided image timing")
     scan_layers: bool = param(False, "import the blocks stacked for nnx.scan (else one by one)")
     hf_threads: tuple[int, ...] = param(
-        (1, 0), "torch thread counts tried for Hugging Face (0 = torch's default); its best is reported"
+        (1, 0), "torch thread counts tried for Hugging Face on the CPU (0 = torch's default); its best is reported"
     )
+    hf_device: str = param("auto", "where Hugging Face runs: cpu, cuda, or auto (cuda when JAX runs on a GPU and torch sees one)")
     seed: int = param(0, "weights and prompt seed")
     out: str = param("", "also write the results as JSON to this path")
 
@@ -134,6 +136,20 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def hf_device(name: str) -> str:
+    """The torch device Hugging Face runs on: `name`, with "auto" = "cuda" where JAX runs on a GPU too."""
+    import jax
+    import torch
+
+    if name == "auto":
+        return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise configlib.ConfigError(f"hf_device must be cpu, cuda or auto, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise configlib.ConfigError("hf_device=cuda, but torch sees no CUDA device")
+    return name
+
+
 def random_prompts(vocab, batch: int, length: int, rng: np.random.Generator) -> list[list[int]]:
     text_ids = np.flatnonzero(vocab.text_token_mask & ~np.isin(np.arange(vocab.size), [vocab.eos_id, vocab.eot_id]))
     return [[vocab.bos_id] + rng.choice(text_ids, length - 1).tolist() for _ in range(batch)]
@@ -151,13 +167,14 @@ def bench_preset(preset: str, cfg: BenchConfig, work: Path) -> tuple[list[dict],
     save_random_hf_chameleon(model_cfg, hf_dir, codebook_size=codebook, seed=cfg.seed)
     convert(hf_dir, our_dir, scan_layers=cfg.scan_layers)
     pipe = load_pipeline(our_dir)
-    hf = ChameleonForConditionalGeneration.from_pretrained(hf_dir).eval()
+    device = hf_device(cfg.hf_device)
+    hf = ChameleonForConditionalGeneration.from_pretrained(hf_dir).eval().to(device)
     rng = np.random.default_rng(cfg.seed)
     default_threads = torch.get_num_threads()
     rows = []
     for batch in cfg.batches:
         prompts = random_prompts(pipe.vocab, batch, cfg.prompt_len, rng)
-        input_ids = torch.tensor(prompts)
+        input_ids = torch.tensor(prompts, device=device)
 
         def ours():
             out = pipe.generate_ids(prompts, modality="text", max_new_tokens=cfg.new_tokens, ignore_eos=True)
@@ -169,10 +186,12 @@ def bench_preset(preset: str, cfg: BenchConfig, work: Path) -> tuple[list[dict],
                 out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                                   max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, pad_token_id=1)
             assert out.shape[1] == cfg.prompt_len + cfg.new_tokens
+            if device != "cpu":
+                torch.cuda.synchronize()
             return out
 
         with torch.inference_mode():
-            hf_logits = hf(input_ids[:1]).logits[0].float().numpy()
+            hf_logits = hf(input_ids[:1]).logits[0].float().cpu().numpy()
         our_logits = np.asarray(pipe.model(np.asarray(prompts[:1], np.int32))[0])
         text = ~pipe.vocab.image_token_mask  # HF masks image ids in its logits
         diff = float(np.abs(hf_logits[:, : pipe.vocab.size][:, text] - our_logits[:, : pipe.vocab.size][:, text]).max())
@@ -182,14 +201,14 @@ def bench_preset(preset: str, cfg: BenchConfig, work: Path) -> tuple[list[dict],
         ours_s = best_seconds(ours, cfg.repeats)
         # Torch's intra-op threads spin, which is slow on busy shared cores: try each count, keep the best.
         theirs_s, best_threads = float("inf"), None
-        for threads in cfg.hf_threads:
+        for threads in cfg.hf_threads if device == "cpu" else (0,):
             torch.set_num_threads(threads or default_threads)
             seconds = best_seconds(theirs, cfg.repeats)
             if seconds < theirs_s:
                 theirs_s, best_threads = seconds, torch.get_num_threads()
         torch.set_num_threads(default_threads)
         tokens = batch * cfg.new_tokens
-        rows.append(dict(preset=preset, batch=batch, new_tokens=cfg.new_tokens, ours_tokens_per_s=tokens / ours_s,
+        rows.append(dict(preset=preset, batch=batch, hf_device=device, new_tokens=cfg.new_tokens, ours_tokens_per_s=tokens / ours_s,
                          hf_tokens_per_s=tokens / theirs_s, speedup=theirs_s / ours_s, hf_threads=best_threads,
                          ours_first_call_s=first_call, max_prefill_logit_diff=diff))
         print_row(rows[-1])
@@ -231,7 +250,7 @@ def main(argv: list[str]) -> dict:
     import torch
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
-          f"with {torch.get_num_threads()} threads", flush=True)
+          f"on {hf_device(cfg.hf_device)} with {torch.get_num_threads()} threads", flush=True)
     results: dict = {"config": configlib.to_dict(cfg), "text": [], "images": []}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}

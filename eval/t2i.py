@@ -1,7 +1,9 @@
-"""Text to image: the judge's exact-match accuracy on pictures generated from captions.
+"""Text to image: the judge's exact-match accuracy on pictures generated from prompts.
 
 `python -m eval.t2i run_dir=runs/demo [num_examples=100] [cfg_scale=1.5] [image_temperature=0]` writes
-`<run_dir>/eval/t2i.json`: accuracy on seen (colour, shape) pairs (the test
+`<run_dir>/eval/t2i.json`: the prompts are written as training writes them
+(`shapes.t2i_prompt`, each cell named before its object), one per example,
+seeded by the example's index. It gives accuracy on seen (colour, shape) pairs (the test
 split) and on held-out pairs (the heldout split), each with guidance
 (`cfg_scale`) and without (scale 1), the judge's object-count accuracy, and a
 grid of prompts beside generations.
@@ -9,6 +11,7 @@ grid of prompts beside generations.
 
 from __future__ import annotations
 
+import numpy as np
 
 from chameleon_jax.data import shapes
 from eval import common
@@ -44,7 +47,7 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
     scales = {"": cfg.cfg_scale, "_no_guidance": 1.0} if cfg.cfg_scale != 1.0 else {"": 1.0}
     for split, tag in (("test", "seen"), ("heldout", "heldout")):
         examples = common.load_examples(cfg, split)
-        prompts = [ex["captions"][0] for ex in examples]
+        prompts = [shapes.t2i_prompt(ex, np.random.default_rng(int(ex["index"]))) for ex in examples]
         for suffix, scale in scales.items():
             images = generate_images(pipe, prompts, cfg, scale, f"t2i {tag}{suffix}")
             exact, count = score(images, examples)

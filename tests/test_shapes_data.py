@@ -136,6 +136,41 @@ def test_parse_caption_round_trips_every_template_position_and_preposition():
             assert shapes.parse_caption(cap) == spec.canonical([a, b]), cap
 
 
+def test_parse_caption_reads_every_t2i_prompt_template():
+    objs = _all_objects()
+    rng = np.random.default_rng(1)
+    for t in range(len(text.ONE_OBJECT_PROMPTS)):
+        for o in objs:
+            assert shapes.parse_caption(text.prompt([o], t, rng)) == [o]
+    pairs = [(a, b) for a, b in zip(objs, objs[5:] + objs[:5]) if (a.row, a.col) != (b.row, b.col)]
+    for t in range(len(text.TWO_OBJECT_PROMPTS)):
+        for a, b in pairs:
+            p = text.prompt([b, a], t, rng)
+            assert shapes.parse_caption(p) == spec.canonical([a, b]), p
+
+
+def test_t2i_prompts_name_each_cell_before_its_object_and_captions_after():
+    a, b = spec.ObjectAttrs(0, 1, 1, 2, 2), spec.ObjectAttrs(1, 2, 0, 0, 1)  # bottom right; top (first)
+    rng = np.random.default_rng(0)
+
+    def cells_first(t: str, objects) -> bool:
+        start = 0
+        for o in spec.canonical(objects):
+            cell = t.index(o.position_name, start)
+            start = t.index(o.describe(), start)
+            if cell > start:
+                return False
+        return True
+
+    for objects in ([a], [a, b]):
+        for t in range(6):
+            for _ in range(4):
+                assert cells_first(text.prompt(objects, t, rng), objects)
+    # Five of the six caption templates put the object first.
+    firsts = [cells_first(text.caption([a, b], t, rng), [a, b]) for t in range(len(text.TWO_OBJECT_TEMPLATES))]
+    assert sum(firsts) == 1, firsts
+
+
 def test_parse_caption_reads_the_stored_captions_of_every_split():
     for split in spec.SPLITS:
         for ex in _examples(split, 100):
@@ -205,6 +240,7 @@ def test_task_documents():
     assert cap.segments[1].text in ex["captions"] and cap.meta["objects"] == objs
     t2i = shapes.t2i_document(ex, rng)
     assert t2i.task == "t2i" and [s.kind for s in t2i.segments] == ["text", "image"]
+    assert shapes.parse_caption(t2i.segments[0].text) == objs and t2i.meta["caption"] == t2i.segments[0].text
     assert [s.is_target for s in t2i.segments] == [False, True]
     np.testing.assert_array_equal(t2i.segments[1].image, ex["image"])
     vqa = shapes.vqa_documents(ex)

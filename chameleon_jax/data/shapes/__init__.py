@@ -39,6 +39,7 @@ from chameleon_jax.data.shapes.tasks import (
     edit_document,
     interleaved_documents,
     t2i_document,
+    t2i_prompt,
     vqa_document,
     vqa_documents,
 )
@@ -48,5 +49,5 @@ __all__ = [
     "COLORS", "HELDOUT_PAIRS", "IMAGE_SIZES", "PALETTE_RGB", "POSITIONS", "QUESTION_TYPES", "SHAPES", "SIZES",
     "SPLITS", "JudgeResult", "ObjectAttrs", "builder", "canonical", "caption_document", "edit_document",
     "example_objects", "interleaved_documents", "judge", "judge_matches", "layout", "load", "load_images",
-    "make_example", "parse_caption", "render", "t2i_document", "vqa_document", "vqa_documents",
+    "make_example", "parse_caption", "render", "t2i_document", "t2i_prompt", "vqa_document", "vqa_documents",
 ]

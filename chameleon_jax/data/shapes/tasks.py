@@ -30,13 +30,20 @@ def caption_document(example: Mapping[str, Any], rng: np.random.Generator) -> Do
     )
 
 
+def t2i_prompt(example: Mapping[str, Any], rng: np.random.Generator) -> str:
+    """A text-to-image prompt for the example's scene (`text.prompt`), its template picked with `rng`."""
+    objects = records.example_objects(example)
+    templates = text.ONE_OBJECT_PROMPTS if len(objects) == 1 else text.TWO_OBJECT_PROMPTS
+    return text.prompt(objects, int(rng.integers(len(templates))), rng)
+
+
 def t2i_document(example: Mapping[str, Any], rng: np.random.Generator) -> Document:
-    """[caption (prompt), image (target)]."""
-    caption = example["captions"][int(rng.integers(len(example["captions"])))]
+    """[prompt (prompt), image (target)], the prompt from `t2i_prompt`."""
+    prompt = t2i_prompt(example, rng)
     return Document(
-        (Segment(text=caption, is_target=False), Segment(image=example["image"])),
+        (Segment(text=prompt, is_target=False), Segment(image=example["image"])),
         task="t2i",
-        meta={"objects": records.example_objects(example), "caption": caption, "index": int(example["index"])},
+        meta={"objects": records.example_objects(example), "caption": prompt, "index": int(example["index"])},
     )
 
 

@@ -55,6 +55,44 @@ TWO_OBJECT_TEMPLATES = (
 )
 
 
+# Text-to-image prompts. They name each object's cell before the object, so a code generated
+# for a cell finds what belongs there by the cell alone: the prompt's words after the cell
+# phrase. Captions keep the object first (the captioner writes the object it sees, then where).
+ONE_OBJECT_PROMPTS = (
+    "{p}, {a} {o}.",
+    "{p}, there is {a} {o}.",
+    "{p} is {a} {o}.",
+    "one shape: {p}, {a} {o}.",
+    "a picture with, {p}, {a} {o}.",
+    "{p} sits {a} {o}.",
+)
+TWO_OBJECT_PROMPTS = (
+    "{p1}, {a1} {o1}; {p2}, {a2} {o2}.",
+    "{p1}, there is {a1} {o1}, and {p2}, {a2} {o2}.",
+    "{p1} is {a1} {o1} and {p2} is {a2} {o2}.",
+    "two shapes: {p1}, {a1} {o1}, and {p2}, {a2} {o2}.",
+    "a picture with, {p1}, {a1} {o1} and, {p2}, {a2} {o2}.",
+    "{p1} sits {a1} {o1}, and {p2} sits {a2} {o2}.",
+)
+
+
+def _describe(objects: Sequence[spec.ObjectAttrs], one: Sequence[str], two: Sequence[str], template: int,
+              rng: np.random.Generator) -> str:
+    """`objects` written with template number `template` of `one` (one object) or `two` (two, in
+    reading order)."""
+    if len(objects) == 1:
+        (o,) = objects
+        d = o.describe()
+        return one[template].format(a=_article(d), o=d, p=at_position(o, rng))
+    if len(objects) == 2:
+        first, second = spec.canonical(objects)
+        d1, d2 = first.describe(), second.describe()
+        return two[template].format(
+            a1=_article(d1), o1=d1, p1=at_position(first, rng), a2=_article(d2), o2=d2, p2=at_position(second, rng)
+        )
+    raise ValueError(f"captions are written for 1 or 2 objects, got {len(objects)}")
+
+
 def caption(objects: Sequence[spec.ObjectAttrs], template: int, rng: np.random.Generator) -> str:
     """The caption of a scene with caption template number `template`, naming the objects in
     reading order (row, then column), the order an image's codes are generated in.
@@ -63,17 +101,18 @@ def caption(objects: Sequence[spec.ObjectAttrs], template: int, rng: np.random.G
     size, colour and shape words; in reading order the first one named is always the one met first
     (1250-step demo runs: exact match on two-object pictures 0.36 -> 0.69, t2i seen 0.45 -> 0.53).
     """
-    if len(objects) == 1:
-        (o,) = objects
-        d = o.describe()
-        return ONE_OBJECT_TEMPLATES[template].format(a=_article(d), o=d, p=at_position(o, rng))
-    if len(objects) == 2:
-        first, second = spec.canonical(objects)
-        d1, d2 = first.describe(), second.describe()
-        return TWO_OBJECT_TEMPLATES[template].format(
-            a1=_article(d1), o1=d1, p1=at_position(first, rng), a2=_article(d2), o2=d2, p2=at_position(second, rng)
-        )
-    raise ValueError(f"captions are written for 1 or 2 objects, got {len(objects)}")
+    return _describe(objects, ONE_OBJECT_TEMPLATES, TWO_OBJECT_TEMPLATES, template, rng)
+
+
+def prompt(objects: Sequence[spec.ObjectAttrs], template: int, rng: np.random.Generator) -> str:
+    """A text-to-image prompt for a scene: prompt template number `template`, each object's cell
+    named before it, the objects in reading order. `parse_caption` reads it back.
+
+    Trained with the captions as prompts instead (object first), a 1250-step demo run drew 0.48
+    of the seen pairs right; with every caption cell-first, 0.58, but captioning fell from 0.84 to
+    0.765 exact match. Prompts of their own keep both.
+    """
+    return _describe(objects, ONE_OBJECT_PROMPTS, TWO_OBJECT_PROMPTS, template, rng)
 
 
 def captions(objects: Sequence[spec.ObjectAttrs], rng: np.random.Generator, n: int = 4) -> list[str]:

@@ -90,25 +90,18 @@ def _questions_by_object(question_types: list[str]) -> list[list[int]]:
 
 
 COUNT_QUESTION_SHARE = 0.1  # counting is learnt in a few hundred steps; the other questions need the rows
-# "Where is the red circle?" is the one question that finds an object by its colour and shape (the
-# others name its cell), and the one the model learns slowest: at 5000 steps 0.70-0.76 right,
-# against 0.88-1.0 for the others. It is drawn with this weight; each other question with 1.
-POSITION_QUESTION_WEIGHT = 2.0
 
 
 def vqa_document(example: Mapping[str, Any], rng: np.random.Generator) -> Document:
     """The training form of VQA: one question of the example, picked with `rng`, laid out as in
     `vqa_documents`. The count question with chance COUNT_QUESTION_SHARE, else a question about an
-    object picked uniformly, then one of that object's questions, the position question with
-    weight POSITION_QUESTION_WEIGHT and the others with weight 1."""
-    types = list(example["question_types"])
-    count, *objects = _questions_by_object(types)
+    object picked uniformly (then one of that object's questions, uniformly)."""
+    count, *objects = _questions_by_object(list(example["question_types"]))
     if not objects or rng.random() < COUNT_QUESTION_SHARE:
         i = count[0]
     else:
         group = objects[int(rng.integers(len(objects)))]
-        w = np.array([POSITION_QUESTION_WEIGHT if types[j] == "position" else 1.0 for j in group])
-        i = group[int(rng.choice(len(group), p=w / w.sum()))]
+        i = group[int(rng.integers(len(group)))]
     return _vqa_document(example, records.example_objects(example), i)
 
 

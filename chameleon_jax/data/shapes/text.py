@@ -90,7 +90,7 @@ def _describe(objects: Sequence[spec.ObjectAttrs], one: Sequence[str], two: Sequ
         return two[template].format(
             a1=_article(d1), o1=d1, p1=at_position(first, rng), a2=_article(d2), o2=d2, p2=at_position(second, rng)
         )
-    raise ValueError(f"captions are written for 1 or 2 objects, got {len(objects)}")
+    raise ValueError(f"captions and prompts are written for 1 or 2 objects, got {len(objects)}")
 
 
 def caption(objects: Sequence[spec.ObjectAttrs], template: int, rng: np.random.Generator) -> str:

@@ -30,20 +30,24 @@ def caption_document(example: Mapping[str, Any], rng: np.random.Generator) -> Do
     )
 
 
-def t2i_prompt(example: Mapping[str, Any], rng: np.random.Generator) -> str:
-    """A text-to-image prompt for the example's scene (`text.prompt`), its template picked with `rng`."""
-    objects = records.example_objects(example)
+def _prompt(objects: list, rng: np.random.Generator) -> str:
     templates = text.ONE_OBJECT_PROMPTS if len(objects) == 1 else text.TWO_OBJECT_PROMPTS
     return text.prompt(objects, int(rng.integers(len(templates))), rng)
 
 
+def t2i_prompt(example: Mapping[str, Any], rng: np.random.Generator) -> str:
+    """A text-to-image prompt for the example's scene (`text.prompt`), its template picked with `rng`."""
+    return _prompt(records.example_objects(example), rng)
+
+
 def t2i_document(example: Mapping[str, Any], rng: np.random.Generator) -> Document:
-    """[prompt (prompt), image (target)], the prompt from `t2i_prompt`."""
-    prompt = t2i_prompt(example, rng)
+    """[prompt (prompt), image (target)], the prompt as `t2i_prompt` writes it."""
+    objects = records.example_objects(example)
+    prompt = _prompt(objects, rng)
     return Document(
         (Segment(text=prompt, is_target=False), Segment(image=example["image"])),
         task="t2i",
-        meta={"objects": records.example_objects(example), "caption": prompt, "index": int(example["index"])},
+        meta={"objects": objects, "caption": prompt, "index": int(example["index"])},
     )
 
 

@@ -67,6 +67,11 @@ class LMDataConfig:
     t2i_weight: float = param(1.0, "Shapes mixture weight: caption -> image")
     vqa_weight: float = param(1.0, "Shapes mixture weight: question + image -> answer")
     interleaved_weight: float = param(0.5, "Shapes mixture weight: interleaved text/image documents")
+    two_object_share: float = param(
+        0.0,
+        "share of the training split's caption, t2i and VQA documents drawn from two-object pictures "
+        "(one-object pictures are skipped at random to reach it); 0 = as the split holds them (about 0.6)",
+    )
     interleaved_docs: int = param(2000, "interleaved (edit) Shapes documents per split to draw from; 0 = one per example")
     jsonl_train: str = param("", "JSON Lines file of training documents (source=jsonl)")
     jsonl_eval: str = param("", "JSON Lines file of validation documents (source=jsonl); empty = no eval")
@@ -260,6 +265,7 @@ class ShapesSource:
             n = cfg.interleaved_docs or None
             self.interleaved = list(shapes.interleaved_documents(split, cfg.image_size, n=n, **kw))
         self._split_code = int.from_bytes(hashlib.sha1(split.encode()).digest()[:4], "little")
+        self._keep_one_object = _one_object_keep(cfg.two_object_share if split == cfg.train_split else 0.0)
         self._images = shapes.load_images(split, cfg.image_size, **kw)
 
     def document(self, index: int):
@@ -267,15 +273,22 @@ class ShapesSource:
         task = self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
         if task == "interleaved":
             return self.interleaved[int(rng.integers(len(self.interleaved)))]
-        i = int(rng.integers(len(self.examples)))
-        example = self._read.get(i)
-        if example is None:
-            example = self._read[i] = self.examples[i]
+        example = self._example(rng)
         if task == "caption":
             return self.shapes.caption_document(example, rng)
         if task == "t2i":
             return self.shapes.t2i_document(example, rng)
         return self.shapes.vqa_document(example, rng)
+
+    def _example(self, rng: np.random.Generator) -> dict:
+        """A uniformly drawn example, skipping one-object pictures with chance 1 - keep (see two_object_share)."""
+        while True:
+            i = int(rng.integers(len(self.examples)))
+            example = self._read.get(i)
+            if example is None:
+                example = self._read[i] = self.examples[i]
+            if self._keep_one_object >= 1.0 or example["num_objects"] > 1 or rng.random() < self._keep_one_object:
+                return example
 
     def images(self) -> list[np.ndarray]:
         """Every image the stream can show (the split's pictures and the interleaved ones)."""
@@ -289,6 +302,19 @@ class ShapesSource:
         for doc in self.interleaved:
             out.extend(s.text for s in doc.segments if s.text)
         return out
+
+
+def _one_object_keep(share: float) -> float:
+    """The chance of keeping a drawn one-object picture that makes two-object pictures `share` of those kept."""
+    from chameleon_jax.data.shapes.scenes import P_TWO_OBJECTS as p
+
+    if share == 0.0:
+        return 1.0
+    if not p <= share <= 1.0:
+        raise ValueError(
+            f"data.two_object_share={share} must be 0 (off) or between the split's own share {p} and 1"
+        )
+    return p * (1.0 - share) / (share * (1.0 - p))
 
 
 class JsonlSource:

@@ -71,3 +71,23 @@ def test_jsonl_pipeline_masks_prompts_and_names_overlong_documents(tmp_path):
     boi = enc.ids.tolist().index(v.boi_id)
     assert (enc.weights[: boi + 6] == 0).all()  # <bos>, the prompt picture (2x2 codes) and its markers
     assert enc.ids[boi + 5] == v.eoi_id and (enc.weights[boi + 6 :] == 1).all()
+
+
+def test_two_object_share_reweights_training_pictures_only(tmp_path):
+    from chameleon_jax.lm_data import ShapesSource
+
+    def share(cfg, split):
+        src = ShapesSource(cfg, split, seed=0)
+        docs = [src.document(i) for i in range(400)]
+        docs = [d for d in docs if d.task != "interleaved"]
+        return np.mean([len(d.meta["objects"]) == 2 for d in docs])
+
+    base = _shapes_cfg(tmp_path, train_examples=200, interleaved_weight=0.0)
+    skewed = _shapes_cfg(tmp_path, train_examples=200, interleaved_weight=0.0, two_object_share=0.9)
+    assert 0.5 < share(base, "train") < 0.7
+    assert share(skewed, "train") > 0.85
+    assert share(skewed, "validation") < 0.75  # the eval split keeps its own mix
+    only_two = _shapes_cfg(tmp_path, train_examples=200, interleaved_weight=0.0, two_object_share=1.0)
+    assert share(only_two, "train") == 1.0
+    with pytest.raises(ValueError, match="two_object_share=0.3"):
+        ShapesSource(_shapes_cfg(tmp_path, two_object_share=0.3), "train", seed=0)

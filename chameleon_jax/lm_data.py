@@ -57,7 +57,7 @@ class LMDataConfig:
     """Where LM training documents come from and how they become rows."""
 
     source: str = param("shapes", "document source: 'shapes' (synthetic tasks) or 'jsonl' (jsonl_train / jsonl_eval)")
-    image_size: int = param(64, "Shapes image side in pixels")
+    image_size: int = param(0, "Shapes image side in pixels; 0 = the image tokenizer's own (64 for the stand-in)")
     train_split: str = param("train", "Shapes split to train on")
     eval_split: str = param("validation", "Shapes split for the validation loss; empty = no evaluation")
     train_examples: int = param(0, "Shapes examples in the train split; 0 = the data set's default (20000)")
@@ -154,6 +154,19 @@ def load_image_tokenizer(vq_dir: str, cfg: LMDataConfig):
     tok_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     tok = vqvae.load_tokenizer(tok_dir)
     return tok, tokenizer_fingerprint(tok, tok_dir), tok_dir
+
+
+def shapes_image_size(cfg: LMDataConfig, tokenizer, vq_dir: str) -> int:
+    """The Shapes picture size: `cfg.image_size`, or with 0 the tokenizer's; a mismatch is an error."""
+    own = getattr(tokenizer, "image_size", None)
+    if not cfg.image_size:
+        return int(own or 64)
+    if cfg.source == "shapes" and own and int(own) != cfg.image_size:
+        raise ValueError(
+            f"data.image_size={cfg.image_size} but the image tokenizer in {vq_dir} reads {own} px pictures; "
+            f"set data.image_size={own} or 0"
+        )
+    return cfg.image_size
 
 
 def image_key(image: np.ndarray) -> bytes:
@@ -460,6 +473,7 @@ class LMData:
         seq_len = int(seq_len or cfg.sequence.seq_len)
         run_dir = Path(run_dir)
         tokenizer, tok_fp, tok_dir = load_image_tokenizer(vq_dir, cfg)
+        cfg = dataclasses.replace(cfg, image_size=shapes_image_size(cfg, tokenizer, vq_dir))
         if cfg.source == "shapes":
             train_src = ShapesSource(cfg, cfg.train_split, cfg.seed)
             eval_src = ShapesSource(cfg, cfg.eval_split, cfg.seed + 1) if cfg.eval_split else None

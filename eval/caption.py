@@ -34,6 +34,7 @@ def score_caption(parsed: Sequence[shapes.ObjectAttrs] | None, truth: Sequence[s
 
 
 def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
+    cfg = common.for_pipeline(cfg, pipe)
     examples = common.load_examples(cfg)
     results = common.generate_all(
         pipe, [[ex["image"]] for ex in examples], cfg, "caption",

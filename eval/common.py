@@ -18,7 +18,7 @@ class EvalConfig:
     run_dir: str = param("runs/demo", "run directory: holds lm/model/ (or model/) and receives the results")
     model_dir: str = param("", "model directory to evaluate; empty = <run_dir>/lm/model, else <run_dir>/model")
     split: str = param("test", "Shapes split: train, validation, test or heldout")
-    image_size: int = param(64, "Shapes image size in pixels")
+    image_size: int = param(0, "Shapes image size in pixels; 0 = the image tokenizer's own size (64 without one)")
     num_examples: int = param(200, "how many examples to score (0 = the whole split)")
     batch_size: int = param(32, "prompts generated together in one batch")
     seed: int = param(0, "sampling seed")
@@ -145,6 +145,14 @@ def save_png(run_dir: str | os.PathLike, rel_path: str, image) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
     return rel_path
+
+
+def for_pipeline(cfg: EvalConfig, pipe) -> EvalConfig:
+    """`cfg` with image_size 0 replaced by the size the pipeline's image tokenizer reads (64 without one)."""
+    if cfg.image_size:
+        return cfg
+    size = getattr(getattr(pipe, "tokenizer", None), "image_size", None) or 64
+    return dataclasses.replace(cfg, image_size=int(size))
 
 
 def load_examples(cfg: EvalConfig, split: str | None = None) -> list[dict[str, Any]]:

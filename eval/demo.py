@@ -39,7 +39,7 @@ class DemoConfig:
 
     run_dir: str = param("runs/demo", "where everything goes (stage folders, eval/, metrics.json, report.html)")
     overwrite: bool = param(False, "redo every stage instead of reusing finished ones")
-    image_size: int = param(64, "Shapes picture size (32, 64 or 128)")
+    image_size: int = param(32, "Shapes picture size (32, 64 or 128); the tokenizer, the LM data and the evaluations take it")
     judge_examples: int = param(1000, "ground-truth pictures per split on which the judge is scored (0 = all)")
     vq_examples: int = param(1000, "test pictures on which the image tokenizer is scored (0 = all)")
     caption_examples: int = param(200, "pictures captioned in the captioning evaluation")
@@ -47,7 +47,7 @@ class DemoConfig:
     t2i_examples: int = param(100, "captions per split (test = seen pairs, heldout) drawn in text-to-image")
     interleaved_examples: int = param(50, "edit stories continued in the interleaved evaluation")
     perplexity_examples: int = param(100, "pictures whose task documents are scored for perplexity")
-    vq: train_vqvae.VQTrainConfig = param(train_vqvae.PRESETS["shapes"](), "image tokenizer training (train.vqvae)")
+    vq: train_vqvae.VQTrainConfig = param(train_vqvae.PRESETS["shapes32"](), "image tokenizer training (train.vqvae)")
     lm: lm_config.LMTrainConfig = param(lm_config.PRESETS["demo"](), "transformer training (train.lm)")
     eval: common.EvalConfig = param(common.EvalConfig(), "generation settings of the evaluations")
 
@@ -61,14 +61,14 @@ def _tiny() -> DemoConfig:
     vq = train_vqvae.PRESETS["tiny"]()
     vq = dataclasses.replace(
         vq,
-        model=dataclasses.replace(vq.model, image_size=64, channel_mult=(1, 2, 2, 2, 2)),  # 4x4 = 16 codes
+        model=dataclasses.replace(vq.model, image_size=32, channel_mult=(1, 2, 2, 2)),  # 4x4 = 16 codes
         data=dataclasses.replace(vq.data, source="shapes", num_examples=256),
     )
     lm = lm_config.PRESETS["tiny"]()
     lm = dataclasses.replace(lm, steps=6, log_interval=2, eval_interval=0, checkpoint_interval=0, progress=False)
     return DemoConfig(
-        run_dir="runs/demo-tiny", judge_examples=20, vq_examples=32, caption_examples=4, vqa_examples=2, t2i_examples=2,
-        interleaved_examples=2, perplexity_examples=2, vq=vq, lm=lm,
+        run_dir="runs/demo-tiny", image_size=32, judge_examples=20, vq_examples=32, caption_examples=4, vqa_examples=2,
+        t2i_examples=2, interleaved_examples=2, perplexity_examples=2, vq=vq, lm=lm,
         eval=dataclasses.replace(common.EvalConfig(), batch_size=4, max_new_tokens=12),
     )
 
@@ -175,13 +175,19 @@ def run(cfg: DemoConfig) -> Path:
 
     stages.run("data", [cfg.image_size, cfg.judge_examples], lambda: stage_data(cfg))
 
-    vq_cfg = dataclasses.replace(cfg.vq, run_dir=str(run_dir / "vq"), overwrite=cfg.overwrite)
+    vq_cfg = dataclasses.replace(
+        cfg.vq, run_dir=str(run_dir / "vq"), overwrite=cfg.overwrite,
+        model=dataclasses.replace(cfg.vq.model, image_size=cfg.image_size),
+    )
     _banner("vq: image tokenizer training")
     vq_dir = train_vqvae.run(vq_cfg)
     stages.run("vq_eval", [configlib.to_dict(vq_cfg), _stamp(vq_dir / "tokenizer"), cfg.vq_examples],
                lambda: stage_vq_eval(cfg, vq_dir, run_dir))
 
-    lm_cfg = dataclasses.replace(cfg.lm, run_dir=str(run_dir / "lm"), vq_dir=str(vq_dir), overwrite=cfg.overwrite)
+    lm_cfg = dataclasses.replace(
+        cfg.lm, run_dir=str(run_dir / "lm"), vq_dir=str(vq_dir), overwrite=cfg.overwrite,
+        data=dataclasses.replace(cfg.lm.data, image_size=cfg.image_size),
+    )
     _banner("lm: vocabulary and transformer training")
     lm_dir = train_lm.run(lm_cfg)
     model_dir = lm_dir / "model"

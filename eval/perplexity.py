@@ -32,6 +32,7 @@ def task_documents(examples: list, split: str) -> list:
 
 
 def evaluate(pipe, cfg: common.EvalConfig) -> dict:
+    cfg = common.for_pipeline(cfg, pipe)
     model, vocab = pipe.model, pipe.vocab
     seq_len = int(model.cfg.max_seq_len)
     seq_cfg = SequenceConfig(seq_len=seq_len, overlong="split")

@@ -42,6 +42,7 @@ def score(images: list, examples: list) -> tuple[list[bool], list[bool]]:
 
 
 def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
+    cfg = common.for_pipeline(cfg, pipe)
     out: dict = {}
     samples = []
     scales = {"": cfg.cfg_scale, "_no_guidance": 1.0} if cfg.cfg_scale != 1.0 else {"": 1.0}

@@ -17,6 +17,7 @@ def normalise(answer: str) -> str:
 
 
 def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
+    cfg = common.for_pipeline(cfg, pipe)
     docs = [d for ex in common.load_examples(cfg) for d in shapes.vqa_documents(ex)]
     prompts = [[d.segments[0].text, d.segments[1].image] for d in docs]  # question, then picture
     results = common.generate_all(

@@ -82,12 +82,26 @@ def test_two_object_share_reweights_training_pictures_only(tmp_path):
         docs = [d for d in docs if d.task != "interleaved"]
         return np.mean([len(d.meta["objects"]) == 2 for d in docs])
 
-    base = _shapes_cfg(tmp_path, train_examples=200, interleaved_weight=0.0)
-    skewed = _shapes_cfg(tmp_path, train_examples=200, interleaved_weight=0.0, two_object_share=0.9)
+    kw = dict(train_examples=200, interleaved_weight=0.0, image_size=32)
+    base = _shapes_cfg(tmp_path, **kw)
+    skewed = _shapes_cfg(tmp_path, **kw, two_object_share=0.9)
     assert 0.5 < share(base, "train") < 0.7
     assert share(skewed, "train") > 0.85
     assert share(skewed, "validation") < 0.75  # the eval split keeps its own mix
-    only_two = _shapes_cfg(tmp_path, train_examples=200, interleaved_weight=0.0, two_object_share=1.0)
+    only_two = _shapes_cfg(tmp_path, **kw, two_object_share=1.0)
     assert share(only_two, "train") == 1.0
     with pytest.raises(ValueError, match="two_object_share=0.3"):
-        ShapesSource(_shapes_cfg(tmp_path, two_object_share=0.3), "train", seed=0)
+        ShapesSource(_shapes_cfg(tmp_path, **kw, two_object_share=0.3), "train", seed=0)
+
+
+def test_shapes_image_size_follows_the_tokenizer_and_names_a_mismatch(tmp_path):
+    from types import SimpleNamespace
+
+    from chameleon_jax.lm_data import ColourGridTokenizer, shapes_image_size
+
+    tok32 = SimpleNamespace(image_size=32)
+    assert shapes_image_size(_shapes_cfg(tmp_path), tok32, "runs/vq") == 32
+    assert shapes_image_size(_shapes_cfg(tmp_path, image_size=32), tok32, "runs/vq") == 32
+    assert shapes_image_size(_shapes_cfg(tmp_path), ColourGridTokenizer(), "") == 64
+    with pytest.raises(ValueError, match=r"data.image_size=64 .* runs/vq reads 32 px"):
+        shapes_image_size(_shapes_cfg(tmp_path, image_size=64), tok32, "runs/vq")

@@ -134,6 +134,18 @@ def _shapes() -> VQTrainConfig:
     )
 
 
+def _shapes32() -> VQTrainConfig:
+    """The demo's tokenizer: 32 px Shapes, 16 codes a picture.
+
+    Twice the steps and twice the batch of `shapes`, so the same pixels per run
+    (about 5 minutes on 2 cores). At 3000 steps of batch 8 the judge read 75% of
+    the reconstructions right, at 6000 of batch 8 93%, at 6000 of batch 16 98%: a
+    small object is 5 px here, and its shape is what is lost first.
+    """
+    cfg = _shapes()
+    return dataclasses.replace(cfg, model=VQ_PRESETS["shapes32"](), steps=6000, batch_size=16)
+
+
 def _chameleon() -> VQTrainConfig:
     return VQTrainConfig(
         model=VQ_PRESETS["chameleon"](),
@@ -143,7 +155,7 @@ def _chameleon() -> VQTrainConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "shapes": _shapes, "chameleon": _chameleon}
+PRESETS = {"tiny": _tiny, "shapes": _shapes, "shapes32": _shapes32, "chameleon": _chameleon}
 
 
 # --------------------------------------------------------------------------- data

@@ -69,8 +69,9 @@ class LMDataConfig:
     interleaved_weight: float = param(0.5, "Shapes mixture weight: interleaved text/image documents")
     two_object_share: float = param(
         0.0,
-        "share of the training split's caption, t2i and VQA documents drawn from two-object pictures "
-        "(one-object pictures are skipped at random to reach it); 0 = as the split holds them (about 0.6)",
+        "share of the training split's t2i and VQA documents drawn from two-object pictures (one-object "
+        "pictures are skipped at random to reach it); captions keep the split's mix, since a captioner "
+        "learns from it how many objects to name; 0 = as the split holds them (about 0.6)",
     )
     interleaved_docs: int = param(2000, "interleaved (edit) Shapes documents per split to draw from; 0 = one per example")
     jsonl_train: str = param("", "JSON Lines file of training documents (source=jsonl)")
@@ -286,21 +287,22 @@ class ShapesSource:
         task = self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
         if task == "interleaved":
             return self.interleaved[int(rng.integers(len(self.interleaved)))]
-        example = self._example(rng)
+        example = self._example(rng, skew=task != "caption")
         if task == "caption":
             return self.shapes.caption_document(example, rng)
         if task == "t2i":
             return self.shapes.t2i_document(example, rng)
         return self.shapes.vqa_document(example, rng)
 
-    def _example(self, rng: np.random.Generator) -> dict:
-        """A uniformly drawn example, skipping one-object pictures with chance 1 - keep (see two_object_share)."""
+    def _example(self, rng: np.random.Generator, skew: bool) -> dict:
+        """A uniformly drawn example; with `skew`, one-object pictures are skipped with chance 1 - keep."""
+        keep = self._keep_one_object if skew else 1.0
         while True:
             i = int(rng.integers(len(self.examples)))
             example = self._read.get(i)
             if example is None:
                 example = self._read[i] = self.examples[i]
-            if self._keep_one_object >= 1.0 or example["num_objects"] > 1 or rng.random() < self._keep_one_object:
+            if keep >= 1.0 or example["num_objects"] > 1 or rng.random() < keep:
                 return example
 
     def images(self) -> list[np.ndarray]:

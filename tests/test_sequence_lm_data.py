@@ -73,14 +73,13 @@ def test_jsonl_pipeline_masks_prompts_and_names_overlong_documents(tmp_path):
     assert enc.ids[boi + 5] == v.eoi_id and (enc.weights[boi + 6 :] == 1).all()
 
 
-def test_two_object_share_reweights_training_pictures_only(tmp_path):
+def test_two_object_share_reweights_training_t2i_and_vqa_only(tmp_path):
     from chameleon_jax.lm_data import ShapesSource
 
-    def share(cfg, split):
+    def share(cfg, split, tasks=("t2i", "vqa")):
         src = ShapesSource(cfg, split, seed=0)
-        docs = [src.document(i) for i in range(400)]
-        docs = [d for d in docs if d.task != "interleaved"]
-        return np.mean([len(d.meta["objects"]) == 2 for d in docs])
+        docs = [src.document(i) for i in range(600)]
+        return np.mean([len(d.meta["objects"]) == 2 for d in docs if d.task in tasks])
 
     kw = dict(train_examples=200, interleaved_weight=0.0, image_size=32)
     base = _shapes_cfg(tmp_path, **kw)
@@ -88,6 +87,7 @@ def test_two_object_share_reweights_training_pictures_only(tmp_path):
     assert 0.5 < share(base, "train") < 0.7
     assert share(skewed, "train") > 0.85
     assert share(skewed, "validation") < 0.75  # the eval split keeps its own mix
+    assert 0.5 < share(skewed, "train", tasks=("caption",)) < 0.7  # and so do captions
     only_two = _shapes_cfg(tmp_path, **kw, two_object_share=1.0)
     assert share(only_two, "train") == 1.0
     with pytest.raises(ValueError, match="two_object_share=0.3"):

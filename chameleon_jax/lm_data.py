@@ -157,12 +157,20 @@ def load_image_tokenizer(vq_dir: str, cfg: LMDataConfig):
     return tok, tokenizer_fingerprint(tok, tok_dir), tok_dir
 
 
+def tokenizer_image_size(tokenizer) -> int | None:
+    """The picture size an image tokenizer reads, or None where it takes any (the colour-grid stand-in)."""
+    size = getattr(tokenizer, "image_size", None)
+    return int(size) if size else None
+
+
 def shapes_image_size(cfg: LMDataConfig, tokenizer, vq_dir: str) -> int:
-    """The Shapes picture size: `cfg.image_size`, or with 0 the tokenizer's; a mismatch is an error."""
-    own = getattr(tokenizer, "image_size", None)
+    """The Shapes picture size: `cfg.image_size`, or with 0 the tokenizer's (64 for one without).
+
+    An explicit size that differs from the tokenizer's is an error."""
+    own = tokenizer_image_size(tokenizer)
     if not cfg.image_size:
-        return int(own or 64)
-    if cfg.source == "shapes" and own and int(own) != cfg.image_size:
+        return own or 64
+    if cfg.source == "shapes" and own and own != cfg.image_size:
         raise ValueError(
             f"data.image_size={cfg.image_size} but the image tokenizer in {vq_dir} reads {own} px pictures; "
             f"set data.image_size={own} or 0"
@@ -302,6 +310,7 @@ class ShapesSource:
             example = self._read.get(i)
             if example is None:
                 example = self._read[i] = self.examples[i]
+            # keep >= 1 draws nothing more from rng, so the stream is the same as without the share.
             if keep >= 1.0 or example["num_objects"] > 1 or rng.random() < keep:
                 return example
 

@@ -149,10 +149,11 @@ def save_png(run_dir: str | os.PathLike, rel_path: str, image) -> str:
 
 def for_pipeline(cfg: EvalConfig, pipe) -> EvalConfig:
     """`cfg` with image_size 0 replaced by the size the pipeline's image tokenizer reads (64 without one)."""
+    from chameleon_jax.lm_data import tokenizer_image_size
+
     if cfg.image_size:
         return cfg
-    size = getattr(getattr(pipe, "tokenizer", None), "image_size", None) or 64
-    return dataclasses.replace(cfg, image_size=int(size))
+    return dataclasses.replace(cfg, image_size=tokenizer_image_size(getattr(pipe, "tokenizer", None)) or 64)
 
 
 def load_examples(cfg: EvalConfig, split: str | None = None) -> list[dict[str, Any]]:

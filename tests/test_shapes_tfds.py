@@ -144,3 +144,9 @@ def test_cli_builds_and_writes_a_grid(built, tmp_path, capsys):
     from PIL import Image
 
     assert Image.open(grid).size[0] > 0
+
+
+def test_own_split_sizes_load_without_the_custom_config_warning(built, caplog):
+    with caplog.at_level("WARNING", logger="absl"):
+        shapes.load("test", data_dir=built, sizes=TINY)
+    assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]

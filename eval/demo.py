@@ -118,13 +118,26 @@ def _scalars(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def shapes_sizes(cfg: DemoConfig) -> dict[str, int] | None:
+    """Split sizes of the one Shapes build every stage reads (None = the default sizes).
+
+    That is the transformer's training split when it asks for more examples than the default
+    build holds. A stage that asks for fewer reads the first examples of the bigger build
+    (`shapes.load` does), which are the same examples, so nothing is built twice.
+    """
+    from chameleon_jax.data.shapes import spec
+
+    split, n = cfg.lm.data.train_split, cfg.lm.data.train_examples
+    return {split: n} if n > spec.split_sizes()[split] else None
+
+
 def stage_data(cfg: DemoConfig) -> dict[str, Any]:
     from chameleon_jax.data import shapes
 
     data_dir = cfg.eval.data_dir or None
     out, right, total = {}, 0, 0
     for split in shapes.SPLITS:
-        source = shapes.load(split, cfg.image_size, data_dir)
+        source = shapes.load(split, cfg.image_size, data_dir, shapes_sizes(cfg))
         n = common.take(len(source), cfg.judge_examples)
         ok = sum(shapes.judge_matches(source[i]["image"], shapes.example_objects(source[i])) for i in range(n))
         out[f"judge_accuracy_ground_truth_{split}"] = ok / n
@@ -173,7 +186,7 @@ def run(cfg: DemoConfig) -> Path:
     stages = Stages(run_dir, cfg.overwrite)
     t0 = time.time()
 
-    stages.run("data", [cfg.image_size, cfg.judge_examples], lambda: stage_data(cfg))
+    stages.run("data", [cfg.image_size, cfg.judge_examples, shapes_sizes(cfg)], lambda: stage_data(cfg))
 
     vq_cfg = dataclasses.replace(
         cfg.vq, run_dir=str(run_dir / "vq"), overwrite=cfg.overwrite,

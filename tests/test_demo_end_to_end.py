@@ -12,6 +12,19 @@ HEADLINE = [
 ]
 
 
+def test_one_shapes_build_covers_every_stage():
+    from eval import demo
+
+    cfg = demo.PRESETS["demo"]()
+    n = cfg.lm.data.train_examples
+    # The demo's transformer trains on more pictures than the default build holds: the data
+    # stage builds that bigger build, and the tokenizer reads its first 20000 pictures.
+    assert demo.shapes_sizes(cfg) == {"train": n} and n > 20000
+    small = configlib.apply_overrides(cfg, ["lm.data.train_examples=512"])
+    assert demo.shapes_sizes(small) is None  # read from the default build
+    assert demo.shapes_sizes(demo.PRESETS["tiny"]()) is None
+
+
 @pytest.mark.slow
 def test_tiny_demo_runs_end_to_end_and_reuses_stages(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CHAMELEON_JAX_DATA", str(tmp_path / "data"))

@@ -97,10 +97,14 @@ def demo() -> LMTrainConfig:
     # few hundred steps, so t2i and VQA documents show two objects 85% of the time instead of
     # 60% (two_object_share); captions keep the 60%: drawn at 85% too, the captioner named a
     # second object in three of four one-object pictures.
+    # 100000 training pictures instead of 20000, and 10000 edit documents instead of 2000: with
+    # the smaller sets the model learnt the training pictures' codes (train image loss 0.37
+    # against 0.84 on validation at step 1250); with these, text to image went 0.87 -> 0.95.
     return dataclasses.replace(
         cfg, steps=1250, run_dir="runs/demo/lm", eval_interval=625, checkpoint_interval=625,
         optim=dataclasses.replace(cfg.optim, lr=3e-3, warmup_steps=50),
-        data=dataclasses.replace(cfg.data, interleaved_weight=0.25, two_object_share=0.85),
+        data=dataclasses.replace(cfg.data, interleaved_weight=0.25, two_object_share=0.85,
+                                 train_examples=100_000, interleaved_docs=10_000),
     )
 
 

@@ -39,7 +39,7 @@ class DemoConfig:
 
     run_dir: str = param("runs/demo", "where everything goes (stage folders, eval/, metrics.json, report.html)")
     overwrite: bool = param(False, "redo every stage instead of reusing finished ones")
-    image_size: int = param(32, "Shapes picture size (32, 64 or 128); the tokenizer, the LM data and the evaluations take it")
+    image_size: int = param(24, "Shapes picture size (24, 32, 64 or 128; at 24 each of the tokenizer's 3x3 codes covers one cell of the layout); the tokenizer, the LM data and the evaluations take it")
     judge_examples: int = param(1000, "ground-truth pictures per split on which the judge is scored (0 = all)")
     vq_examples: int = param(1000, "test pictures on which the image tokenizer is scored (0 = all)")
     caption_examples: int = param(200, "pictures captioned in the captioning evaluation")
@@ -47,7 +47,7 @@ class DemoConfig:
     t2i_examples: int = param(100, "captions per split (test = seen pairs, heldout) drawn in text-to-image")
     interleaved_examples: int = param(50, "edit stories continued in the interleaved evaluation")
     perplexity_examples: int = param(100, "pictures whose task documents are scored for perplexity")
-    vq: train_vqvae.VQTrainConfig = param(train_vqvae.PRESETS["shapes32"](), "image tokenizer training (train.vqvae)")
+    vq: train_vqvae.VQTrainConfig = param(train_vqvae.PRESETS["shapes24"](), "image tokenizer training (train.vqvae)")
     lm: lm_config.LMTrainConfig = param(lm_config.PRESETS["demo"](), "transformer training (train.lm)")
     eval: common.EvalConfig = param(common.EvalConfig(), "generation settings of the evaluations")
 

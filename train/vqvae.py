@@ -146,6 +146,15 @@ def _shapes32() -> VQTrainConfig:
     return dataclasses.replace(cfg, model=VQ_PRESETS["shapes32"](), steps=6000, batch_size=16)
 
 
+def _shapes24() -> VQTrainConfig:
+    """A tokenizer of 9 codes a picture, one per cell of the layout (24 px Shapes).
+
+    The steps and batch of `shapes32`, about 3 minutes on 2 cores. At 3000 steps the
+    judge read 97.0% of the reconstructions right, at 6000 99.8%.
+    """
+    return dataclasses.replace(_shapes32(), model=VQ_PRESETS["shapes24"]())
+
+
 def _chameleon() -> VQTrainConfig:
     return VQTrainConfig(
         model=VQ_PRESETS["chameleon"](),
@@ -155,7 +164,7 @@ def _chameleon() -> VQTrainConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "shapes": _shapes, "shapes32": _shapes32, "chameleon": _chameleon}
+PRESETS = {"tiny": _tiny, "shapes": _shapes, "shapes32": _shapes32, "shapes24": _shapes24, "chameleon": _chameleon}
 
 
 # --------------------------------------------------------------------------- data

@@ -123,9 +123,19 @@ def _shapes32() -> VQConfig:
     return dataclasses.replace(_shapes(), image_size=32)
 
 
+def _shapes24() -> VQConfig:
+    """Shapes 24 px -> 3x3 = 9 codes of 512: the `shapes` network on pictures of 24 px.
+
+    At 24 px the cells of the 3x3 layout are 8 px wide, so each code covers exactly one
+    cell and an object never shares a code with another. At 32 px an object spans codes
+    that the object in a neighbouring cell also touches (see eval.demo).
+    """
+    return dataclasses.replace(_shapes(), image_size=24)
+
+
 def _chameleon() -> VQConfig:
     """The released Chameleon VQGAN (512 px, 32x32 = 1024 codes of 8192)."""
     return VQConfig()
 
 
-VQ_PRESETS = {"tiny": _tiny, "shapes": _shapes, "shapes32": _shapes32, "chameleon": _chameleon}
+VQ_PRESETS = {"tiny": _tiny, "shapes": _shapes, "shapes32": _shapes32, "shapes24": _shapes24, "chameleon": _chameleon}

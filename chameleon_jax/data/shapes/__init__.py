@@ -1,6 +1,6 @@
 """Shapes: the embedded synthetic data set, small enough to train and judge on a laptop CPU.
 
-Pictures (32, 64 or 128 px) of one or two objects on a plain background; each
+Pictures (24, 32, 64 or 128 px) of one or two objects on a plain background; each
 object has a shape, colour, size and 3x3 grid cell. Every picture comes with
 its attribute record, captions and question-answer pairs, and a deterministic
 judge reads the attributes back from any picture, so generated captions and

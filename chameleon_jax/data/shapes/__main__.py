@@ -22,7 +22,7 @@ from chameleon_jax.data.shapes.source import load
 
 @dataclasses.dataclass(frozen=True)
 class ShapesCliConfig:
-    image_size: int = param(64, "picture side in pixels: 32, 64 or 128")
+    image_size: int = param(64, "picture side in pixels: 24, 32, 64 or 128")
     data_dir: str = param("", "where to build ('' = $CHAMELEON_JAX_DATA or <repo>/data)")
     seed: int = param(0, "the data set's seed")
     train: int = param(spec.DEFAULT_SPLIT_SIZES["train"], "examples in the train split")

@@ -25,7 +25,7 @@ POSITIONS = (
     ("left", "center", "right"),
     ("bottom left", "bottom", "bottom right"),
 )
-IMAGE_SIZES = (32, 64, 128)
+IMAGE_SIZES = (24, 32, 64, 128)
 MAX_OBJECTS = 2
 
 # The six colours sit at the corners of the RGB cube (primaries and secondaries,
@@ -175,10 +175,13 @@ def _odd(x: float) -> int:
 
 
 def layout(image_size: int) -> Layout:
-    """The layout of an `image_size` picture (any size >= 24; 32, 64 and 128 are the built ones).
+    """The layout of an `image_size` picture (any size >= 24; 24, 32, 64 and 128 are the built ones).
 
     64 px: centres 10.5 / 32.5 / 53.5, small 9 px, large 17 px (a gap of >= 4 px
     between large objects in neighbouring cells).
+    24 px: cells of exactly 8 px (centres 4.5 / 12.5 / 20.5, small 5 px, large 7 px), so a
+    grid of 3x3 codes of 8 px gives each cell a code of its own. Three large objects and the
+    gaps between them fill the 24 px, so those of the last row and column touch the edge.
     """
     if image_size < 24:
         raise ValueError(f"Shapes pictures need at least 24 pixels a side, got {image_size}")

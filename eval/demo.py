@@ -61,13 +61,13 @@ def _tiny() -> DemoConfig:
     vq = train_vqvae.PRESETS["tiny"]()
     vq = dataclasses.replace(
         vq,
-        model=dataclasses.replace(vq.model, image_size=32, channel_mult=(1, 2, 2, 2)),  # 4x4 = 16 codes
+        model=dataclasses.replace(vq.model, image_size=24, channel_mult=(1, 2, 2, 2)),  # 3x3 = 9 codes, as in the demo
         data=dataclasses.replace(vq.data, source="shapes", num_examples=256),
     )
     lm = lm_config.PRESETS["tiny"]()
     lm = dataclasses.replace(lm, steps=6, log_interval=2, eval_interval=0, checkpoint_interval=0, progress=False)
     return DemoConfig(
-        run_dir="runs/demo-tiny", image_size=32, judge_examples=20, vq_examples=32, caption_examples=4, vqa_examples=2,
+        run_dir="runs/demo-tiny", image_size=24, judge_examples=20, vq_examples=32, caption_examples=4, vqa_examples=2,
         t2i_examples=2, interleaved_examples=2, perplexity_examples=2, vq=vq, lm=lm,
         eval=dataclasses.replace(common.EvalConfig(), batch_size=4, max_new_tokens=12),
     )

@@ -44,9 +44,9 @@ def test_tiny_demo_runs_end_to_end_and_reuses_stages(tmp_path, monkeypatch, caps
         assert split and all(0.0 <= metrics[k] <= 1.0 for k in split), (name, split)
     assert metrics["vq_psnr_db"] > 5.0
     # The demo's image_size reaches the tokenizer and the LM data.
-    assert metrics["vq_codes_per_image"] == 16
-    assert json.loads((run_dir / "vq" / "config.json").read_text())["model"]["image_size"] == 32
-    assert json.loads((run_dir / "lm" / "config.json").read_text())["data"]["image_size"] == 32
+    assert metrics["vq_codes_per_image"] == 9
+    assert json.loads((run_dir / "vq" / "config.json").read_text())["model"]["image_size"] == 24
+    assert json.loads((run_dir / "lm" / "config.json").read_text())["data"]["image_size"] == 24
     page = (run_dir / "report.html").read_text()
     for section in ("Headline figures", "Captioning", "Text to image", "Interleaved", "Loss curves"):
         assert section in page, section

@@ -128,7 +128,7 @@ def _shapes24() -> VQConfig:
 
     At 24 px the cells of the 3x3 layout are 8 px wide, so each code covers exactly one
     cell and an object never shares a code with another. At 32 px an object spans codes
-    that the object in a neighbouring cell also touches (see eval.demo).
+    that the object in a neighbouring cell also touches; the README's demo section has the figures.
     """
     return dataclasses.replace(_shapes(), image_size=24)
 

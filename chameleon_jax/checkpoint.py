@@ -33,7 +33,8 @@ LAYOUT_FIELDS = frozenset(
 
 
 class CheckpointError(ValueError):
-    """A model directory is incomplete, or its tensors do not match its config."""
+    """A model directory or training checkpoint is missing, incomplete, unreadable, or its tensors do not
+    match the config they are loaded into."""
 
 
 def path_str(path) -> str:
@@ -102,10 +103,19 @@ def _stored_shapes(params_dir: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
 
     if not params_dir.is_dir():
         raise CheckpointError(f"model directory {params_dir.parent} has no {PARAMS_DIR}/ checkpoint")
-    metadata = ocp.StandardCheckpointer().metadata(params_dir.absolute())
+    try:
+        metadata = ocp.StandardCheckpointer().metadata(params_dir.absolute())
+    except Exception as e:  # orbax / tensorstore: a missing, truncated or foreign file
+        raise CheckpointError(f"cannot read the parameters in {params_dir}: {error_line(e)}") from None
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     return flat_shapes(tree)
+
+
+def error_line(e: BaseException) -> str:
+    """The first line of an exception's message, whitespace collapsed (orbax/tensorstore errors run long)."""
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.splitlines()[0].split())[:300]
 
 
 def check_tensors(expected: Mapping[str, tuple], stored: Mapping[str, tuple], where: str) -> None:
@@ -175,6 +185,9 @@ def load_model(
     )
 
     check_tensors(flat_shapes(target), _stored_shapes(path / PARAMS_DIR), f"checkpoint {path / PARAMS_DIR}")
-    restored = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+    try:
+        restored = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+    except Exception as e:  # orbax / tensorstore: a truncated or unreadable data file
+        raise CheckpointError(f"cannot read the parameters in {path / PARAMS_DIR}: {error_line(e)}") from None
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, _concrete_rng_state(rest, seed))

@@ -49,13 +49,16 @@ class GenerateConfig:
 
 
 def read_image(path: str) -> np.ndarray:
-    from PIL import Image
+    """A prompt picture as RGB uint8 (chameleon_jax.data.read_image); a missing or unreadable file is a ConfigError."""
+    from chameleon_jax.data import DataError
+    from chameleon_jax.data import read_image as read_rgb
 
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+        return read_rgb(path)
     except FileNotFoundError:
         raise ConfigError(f"image file {path!r} does not exist") from None
+    except DataError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build_prompt(text: str, images: list[np.ndarray]) -> list:

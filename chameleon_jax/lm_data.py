@@ -349,7 +349,7 @@ class JsonlSource:
 
         self.path = Path(path)
         self.name = "jsonl-" + hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:8]
-        self.docs = jsonl.load_jsonl(self.path)
+        self.docs = jsonl.load_jsonl(self.path, one_size=True)
         if not self.docs:
             raise ValueError(f"{self.path} holds no documents")
         self.seed = seed

@@ -279,6 +279,8 @@ def load_pipeline(path: str | os.PathLike, *, overrides: dict | None = None) -> 
     from chameleon_jax.vocab import Vocabulary
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
     if (path / "vocab" / "vocab.json").exists():
         vocab = Vocabulary.load(path / "vocab")
     elif (path / "chameleon_tokenizer.json").exists():

@@ -13,10 +13,12 @@ or from Python: `train.lm.run(cfg) -> run_dir`. A run directory holds
     metrics.json         headline figures; loss_curve.png
     model/               the exported model: config.json, params/, vocab/, tokenizer/
 
-Rerunning an unfinished run resumes from its latest checkpoint (model, optimizer and
-data position); a finished run is reused unless overwrite=true. A non-finite loss
+Rerunning an unfinished run resumes from its newest intact checkpoint (model, optimizer
+and data position); a finished run is reused unless overwrite=true. A non-finite loss
 or parameter stops the run with an error and saves nothing after the last good
-checkpoint.
+checkpoint. SIGTERM or SIGINT finish the step in flight, save it and exit with status 75;
+one run at a time may use a run directory (train.run; the failure modes and exit statuses
+are listed in docs/failures.md).
 """
 
 from __future__ import annotations
@@ -35,12 +37,9 @@ import numpy as np
 
 from chameleon_jax import configlib
 from train.lm_config import PRESETS, LMTrainConfig
+from train.run import RunSession, TrainingDivergedError, clear_run, enable_compilation_cache, guard, setup_logging
 
 log = logging.getLogger("train.lm")
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss or the parameters became NaN or infinite."""
 
 
 # --------------------------------------------------------------------------- setup
@@ -149,17 +148,21 @@ def _gather_data_state(state: dict[str, int]) -> list[dict[str, int]]:
     return [{"doc": int(d), "piece": int(p)} for d, p in np.asarray(rows).reshape(-1, 2)]
 
 
-def _drop_metrics_after(run_dir: Path, step: int) -> None:
-    """Forgets metric rows of steps after `step` (logged by an interrupted run, about to be redone)."""
-    import json
+def check_batch_split(cfg: LMTrainConfig, mesh) -> None:
+    """The global batch (and each microbatch) must split evenly over the mesh axes the batch is sharded on."""
+    from chameleon_jax.sharding import logical_to_spec
 
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    spec = logical_to_spec(("activation_batch",), cfg.mesh.rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    micro = cfg.batch_size // max(cfg.optim.grad_accum, 1)
+    if ways > 1 and (cfg.batch_size % ways or micro % ways):
+        over = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+        raise configlib.ConfigError(
+            f"batch_size={cfg.batch_size}"
+            + (f" (microbatches of {micro} with optim.grad_accum={cfg.optim.grad_accum})" if cfg.optim.grad_accum > 1 else "")
+            + f" does not split over the data axes {over} ({ways} ways); use a multiple of {ways}"
+        )
 
 
 def _host(tree) -> dict[str, float]:
@@ -218,31 +221,45 @@ def export_model(run_dir: Path, trainer, state, cfg: LMTrainConfig, data) -> Pat
 
 
 def run(cfg: LMTrainConfig) -> Path:
-    """Trains (or resumes, or reuses) the run in `cfg.run_dir`; returns the run directory."""
+    """Trains (or resumes, or reuses) the run in `cfg.run_dir`; returns the run directory.
+
+    Raises TrainingStopped (train.run) after saving when SIGTERM/SIGINT stopped the run,
+    RunLockedError when another run holds the folder, TrainingDivergedError on NaN/inf.
+    """
     run_dir = Path(cfg.run_dir).absolute()
+    if cfg.steps < 1:
+        raise configlib.ConfigError(f"steps must be >= 1, got {cfg.steps}")
     maybe_initialize_distributed(cfg)
 
     import jax
 
-    if cfg.overwrite and run_dir.exists():
-        if jax.process_index() == 0:
-            shutil.rmtree(run_dir)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+    from chameleon_jax.sharding import build_mesh
 
-            multihost_utils.sync_global_devices("train.lm overwrite")
-    if is_finished(run_dir, cfg):
-        log.info("run %s already finished %d steps: reusing it (overwrite=true retrains)", run_dir, cfg.steps)
-        return run_dir
+    mesh = build_mesh(cfg.mesh)
+    check_batch_split(cfg, mesh)
+    primary = jax.process_index() == 0
+    with RunSession(run_dir, primary=primary) as session:
+        if cfg.overwrite:
+            if primary:
+                clear_run(run_dir)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
 
-    if cfg.compilation_cache_dir:
-        # Only effective before this process's first compilation.
-        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache_dir).expanduser()))
+                multihost_utils.sync_global_devices("train.lm overwrite")
+        if is_finished(run_dir, cfg):
+            log.info("run %s already finished %d steps: reusing it (overwrite=true retrains)", run_dir, cfg.steps)
+            return run_dir
+        return _train(cfg, run_dir, mesh, session)
+
+
+def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path:
+    import jax
+
+    enable_compilation_cache(cfg.compilation_cache_dir)
     from tqdm.auto import tqdm
 
     from chameleon_jax.lm_data import LMData, global_batch
     from chameleon_jax.prefetch import Prefetcher
-    from chameleon_jax.sharding import build_mesh
     from chameleon_jax.transformer import flops_per_token
     from train.checkpointing import Checkpointer
     from train.metrics import MetricsWriter, plot_curves, update_headline
@@ -250,14 +267,12 @@ def run(cfg: LMTrainConfig) -> Path:
 
     pidx, pcount = jax.process_index(), jax.process_count()
     primary = pidx == 0
-    run_dir.mkdir(parents=True, exist_ok=True)
     data = LMData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
     cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image)
     if primary:
         configlib.save(cfg, run_dir / "config.json")
     seq_len = data.seq_len
 
-    mesh = build_mesh(cfg.mesh)
     trainer = get_trainer(cfg, mesh)
     it = data.train_iterator(cfg.batch_size, pidx, pcount)
     depth = cfg.data.prefetch if cfg.data.prefetch >= 0 else (0 if jax.devices()[0].platform == "cpu" else 2)
@@ -267,18 +282,16 @@ def run(cfg: LMTrainConfig) -> Path:
         it = Prefetcher(it, depth)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
 
-    start = ckpt.latest_step()
-    if start is not None:
-        tree, extra = ckpt.restore(trainer.abstract_checkpoint_tree(), start)
+    found = ckpt.restore_latest(trainer.abstract_checkpoint_tree(), required_extra=("data",), primary=primary)
+    if found is not None:
+        start, tree, extra = found
         state = trainer.state_from_checkpoint(tree)
-        states = extra.get("data", [])
+        states = extra["data"]
         if len(states) != pcount:
-            raise RuntimeError(
+            raise configlib.ConfigError(
                 f"checkpoint {start} in {run_dir} was written by {len(states)} processes, this run has {pcount}"
             )
         it.restore(states[pidx])
-        if primary:
-            _drop_metrics_after(run_dir, start)
         log.info("resumed from step %d", start)
     else:
         state = trainer.init_state()
@@ -292,7 +305,7 @@ def run(cfg: LMTrainConfig) -> Path:
     flops_tok = flops_per_token(cfg.model, seq_len)
     tokens_per_step = cfg.batch_size * seq_len
 
-    writer = MetricsWriter(run_dir) if primary else None
+    writer = MetricsWriter(run_dir, resume_step=start) if primary else None
     if primary and start == 0:
         update_headline(run_dir / "metrics.json", {
             "lm_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"])),
@@ -303,6 +316,9 @@ def run(cfg: LMTrainConfig) -> Path:
 
     def save(step: int) -> None:
         ckpt.save(step, trainer.checkpoint_tree(state), {"data": _gather_data_state(it.state())})
+
+    def save_now(step: int) -> Path:
+        return ckpt.save_now(step, trainer.checkpoint_tree(state), {"data": _gather_data_state(it.state())})
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and primary), desc="lm", dynamic_ncols=True)
     window_time, window_steps, window_targets = 0.0, 0, 0.0
@@ -353,6 +369,8 @@ def run(cfg: LMTrainConfig) -> Path:
                 last.update(ev)
             if (cfg.checkpoint_interval and done % cfg.checkpoint_interval == 0) or done == cfg.steps:
                 save(done)
+            if done < cfg.steps and session.stop.should_stop(done):
+                session.stopped(done, lambda: save_now(done))
     finally:
         if isinstance(it, Prefetcher):
             it.close()
@@ -374,20 +392,14 @@ def run(cfg: LMTrainConfig) -> Path:
 
 
 def main(argv=None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    setup_logging()
     argv = sys.argv[1:] if argv is None else argv
 
     def go():
         cfg = configlib.from_cli(argv, PRESETS, "tiny")
-        try:
-            out = run(cfg)
-        except TrainingDivergedError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(1) from None
-        print(out)
+        print(run(cfg))
 
-    configlib.main_guard(go)
+    guard(go)
 
 
 if __name__ == "__main__":

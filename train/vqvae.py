@@ -18,7 +18,9 @@ Rerunning resumes from the latest checkpoint (model, optimizer, EMA state and da
 position: the next loss is the one an uninterrupted run would have had). A run whose
 tokenizer was exported at `steps` or later is reused unless overwrite=true; asking
 for more steps than it has continues it. A NaN or infinite loss stops the run with
-an error; nothing is saved after the last good checkpoint.
+an error; nothing is saved after the last good checkpoint. SIGTERM or SIGINT finish the
+step in flight, save it and exit with status 75; one run at a time may use a run
+directory (train.run; docs/failures.md lists the failure modes and exit statuses).
 
 Data parallel over every device: the batch is sharded over a 1-D ('data',) mesh,
 parameters and optimizer state are replicated, the step is jitted with donation.
@@ -48,8 +50,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -60,11 +62,10 @@ import numpy as np
 from chameleon_jax import configlib
 from chameleon_jax.configlib import ConfigError, param
 from train.optim import OptimConfig
+from train.run import RunSession, TrainingDivergedError, clear_run, enable_compilation_cache, guard, setup_logging
 from vqvae.config import VQ_PRESETS, VQConfig
 
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite."""
+log = logging.getLogger("train.vqvae")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,9 @@ class VQTrainConfig:
     keep_checkpoints: int = param(2, "checkpoints kept on disk")
     progress: bool = param(True, "show a tqdm progress bar")
     tensorboard: bool = param(True, "also write TensorBoard events (run_dir/tb/)")
+    compilation_cache_dir: str = param(
+        "", "persistent XLA compilation cache folder (faster restarts); empty = off; must be set before the first compile"
+    )
 
 
 def _tiny() -> VQTrainConfig:
@@ -191,6 +195,8 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def _folder_images(directory: str, size: int, limit: int) -> np.ndarray:
     from PIL import Image
 
+    from chameleon_jax.data import read_image
+
     if not directory:
         raise ConfigError("data.source=folder needs data.data_dir (a folder of PNG/JPEG pictures)")
     files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -200,7 +206,7 @@ def _folder_images(directory: str, size: int, limit: int) -> np.ndarray:
         raise FileNotFoundError(f"no PNG/JPEG pictures under {directory}")
     out = np.empty((len(files), size, size, 3), np.uint8)
     for i, f in enumerate(files):
-        img = Image.open(f).convert("RGB")
+        img = Image.fromarray(read_image(f))
         s = min(img.size)
         left, top = (img.width - s) // 2, (img.height - s) // 2
         out[i] = np.asarray(img.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS))
@@ -227,16 +233,6 @@ _RUN_OUTPUTS = (
     "checkpoints", "tokenizer", "tokenizer.tmp", "samples", "tb", "metrics.jsonl", "metrics.json",
     "config.json", "vq_loss.png", "eval_vq.json", "eval_vq.png",
 )
-
-
-def clear_run(run_dir: Path) -> None:
-    """Removes what a training run writes (and nothing else) from `run_dir`."""
-    for name in _RUN_OUTPUTS:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
 
 def _saved_config(run_dir: Path) -> VQTrainConfig | None:
@@ -275,24 +271,7 @@ def _check_compatible(run_dir: Path, cfg: VQTrainConfig) -> None:
         )
 
 
-def _truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drops metric rows logged after the checkpoint a run resumes from."""
-    import json
-
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in rows if json.loads(line).get("step", 0) <= last_step]
-    if len(kept) != len(rows):
-        path.write_text("".join(line + "\n" for line in kept))
-
-
 # --------------------------------------------------------------------------- training
-
-
-def _log(msg: str) -> None:
-    print(f"[train.vqvae] {msg}", file=sys.stderr, flush=True)
 
 
 def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
@@ -300,26 +279,14 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
 
     extra_loss: optional `fn(images, reconstructions, step) -> scalar` (float, [-1, 1]) added
     with weight cfg.extra_loss_weight; overrides the registered cfg.extra_loss.
+    Raises TrainingStopped (train.run) after saving when SIGTERM/SIGINT stopped the run,
+    RunLockedError when another run holds the folder, TrainingDivergedError on NaN/inf.
     """
     import jax
-    from flax import nnx
-    from tqdm import tqdm
 
-    from train.checkpointing import Checkpointer
-    from train.metrics import MetricsWriter, plot_curves, update_headline
-    from vqvae import losses, viz
     from vqvae.config import validate
-    from vqvae.tokenizer import save_tokenizer
 
     validate(cfg.model)
-    run_dir = Path(cfg.run_dir)
-    if cfg.overwrite:
-        clear_run(run_dir)
-    if is_finished(run_dir, cfg):
-        _log(f"reusing the finished tokenizer in {run_dir / 'tokenizer'} (overwrite=true to retrain)")
-        return run_dir
-    import grain  # only needed to train
-    _check_compatible(run_dir, cfg)
     if cfg.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
     if cfg.optim.grad_accum != 1:
@@ -327,9 +294,32 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     n_dev = jax.device_count()
     if cfg.batch_size % n_dev:
         raise ConfigError(f"batch_size {cfg.batch_size} is not divisible by the {n_dev} devices")
+    run_dir = Path(cfg.run_dir)
+    with RunSession(run_dir, primary=jax.process_index() == 0) as session:
+        if cfg.overwrite:
+            clear_run(run_dir, _RUN_OUTPUTS)
+        if is_finished(run_dir, cfg):
+            log.info("reusing the finished tokenizer in %s (overwrite=true to retrain)", run_dir / "tokenizer")
+            return run_dir
+        _check_compatible(run_dir, cfg)
+        return _train(cfg, run_dir, session, extra_loss)
+
+
+def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -> Path:
+    import jax
+    from flax import nnx
+    from tqdm import tqdm
+
+    from train.checkpointing import Checkpointer
+    from train.metrics import MetricsWriter, plot_curves, update_headline
+    from vqvae import losses, viz
+    from vqvae.tokenizer import save_tokenizer
+
+    import grain  # only needed to train
+
+    enable_compilation_cache(cfg.compilation_cache_dir)
     if cfg.model.quantizer == "vq" and cfg.codebook_weight <= 0:
-        _log("warning: codebook_weight <= 0 leaves the plain vq codebook untrained")
-    run_dir.mkdir(parents=True, exist_ok=True)
+        log.warning("codebook_weight <= 0 leaves the plain vq codebook untrained")
     configlib.save(cfg, run_dir / "config.json")
     extra_fn = extra_loss or (losses.get_extra_loss(cfg.extra_loss) if cfg.extra_loss else None)
 
@@ -341,7 +331,7 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     if len(images) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(images)} training pictures")
     data_s = time.perf_counter() - t0
-    _log(f"{len(images)} training pictures {images.shape[1:]} loaded in {data_s:.1f}s")
+    log.info("%d training pictures %s loaded in %.1fs", len(images), images.shape[1:], data_s)
     n_proc, proc = jax.process_count(), jax.process_index()
     rows = cfg.batch_size // n_proc
     dataset = (
@@ -371,18 +361,22 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     # ---- resume.
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints)
     start = 0
-    if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        state, extra = ckpt.restore(abstract)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    found = ckpt.restore_latest(abstract, required_extra=("data",), primary=jax.process_index() == 0)
+    if found is not None:
+        _, state, extra = found
         data_iter.set_state(extra["data"])
         start = int(state["step"])
-        _truncate_metrics(run_dir, start)
-        _log(f"resumed from step {start}")
+        log.info("resumed from step %d", start)
     if start >= cfg.steps:
-        _log(f"checkpoint step {start} >= steps {cfg.steps}; exporting")
+        log.info("checkpoint step %d >= steps %d; exporting", start, cfg.steps)
+
+    def save_now(step: int) -> Path:
+        to_save = jax.device_get(state) if jax.process_count() == 1 else state
+        return ckpt.save_now(step, to_save, {"data": data_iter.get_state()})
 
     base_key = jax.random.key(cfg.seed)
-    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard)
+    writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=start) if session.primary else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="vqvae", dynamic_ncols=True)
     last_time, last_step, compile_s = time.perf_counter(), start, None
     train_start = time.perf_counter()
@@ -409,7 +403,8 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
                     row["images_per_s"] = (done - last_step) * cfg.batch_size / (now - last_time)
                 last_time, last_step = now, done
                 row["lr"] = float(schedule_lr(done - 1))
-                writer.write(done, row)
+                if writer:
+                    writer.write(done, row)
                 bar.set_postfix(loss=f"{loss:.4f}", recon=f"{row['recon']:.4f}", usage=f"{row['usage']:.2f}")
             if cfg.sample_every and done % cfg.sample_every == 0:
                 save_preview(done)
@@ -418,9 +413,12 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
                 # replicated array (slow on many local devices); several processes need the global arrays.
                 to_save = jax.device_get(state) if jax.process_count() == 1 else state
                 ckpt.save(done, to_save, {"data": data_iter.get_state()})
+            if done < cfg.steps and session.stop.should_stop(done):
+                session.stopped(done, lambda: save_now(done))
     finally:
         bar.close()
-        writer.close()
+        if writer:
+            writer.close()
         ckpt.close()
     train_s = time.perf_counter() - train_start
 
@@ -436,7 +434,7 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
         plot_curves(run_dir, ["loss", "recon", "commit"], run_dir / "vq_loss.png", title="tokenizer training")
     except ImportError:
         pass
-    _log(f"tokenizer written to {run_dir / 'tokenizer'} ({train_s:.0f}s of training this session)")
+    log.info("tokenizer written to %s (%.0fs of training this session)", run_dir / "tokenizer", train_s)
     return run_dir
 
 
@@ -531,11 +529,13 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
 
 
 def main(argv=None) -> None:
+    setup_logging()
+
     def go():
         cfg = configlib.from_cli(sys.argv[1:] if argv is None else argv, PRESETS, "shapes")
         run(cfg)
 
-    configlib.main_guard(go)
+    guard(go)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ follows it: the end of one turn of a dialogue). Blank lines are allowed and skip
 raises DataError naming the file and the line: no document is ever dropped
 silently.
 
-Images are read with PIL and converted to RGB uint8 [H, W, 3]; images with
-transparency are composited over white first.
+Images are read with PIL and converted to RGB uint8 [H, W, 3] by `read_image`, the one
+image reader of the project: images with transparency are composited over white first,
+16-bit grayscale is scaled to 8 bits (not clipped), palette images are looked up.
 """
 
 from __future__ import annotations
@@ -32,8 +33,18 @@ _DOC_KEYS = ("segments", "task", "meta")
 _SEGMENT_KEYS = ("text", "image", "target", "end_turn")
 
 
+def _wide_gray_to_8bit(im: Image.Image, path: Path) -> Image.Image:
+    """A 16-bit (mode I;16*) or 32-bit integer (mode I) grayscale image as mode L, scaled, not clipped."""
+    values = np.asarray(im).astype(np.int64)
+    if im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise DataError(f"image {path}: 32-bit integer pixels outside 0..65535; save it as 8 or 16 bits")
+    if im.mode == "I" and (not values.size or values.max() <= 255):
+        return Image.fromarray(values.astype(np.uint8), mode="L")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 [H, W, 3] (grayscale, palette and alpha images converted).
+    """An image file as RGB uint8 [H, W, 3] (grayscale, 16-bit, palette and alpha images converted).
 
     Raises FileNotFoundError when missing and DataError when PIL cannot decode it.
     """
@@ -43,14 +54,20 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            if im.mode.startswith("I"):
+                im = _wide_gray_to_8bit(im, path)
+            elif im.mode == "F":
+                raise DataError(f"image {path} has floating-point pixels; save it with 8-bit channels")
+            has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+                im.mode in ("P", "L", "RGB") and "transparency" in im.info
+            )
             if has_alpha:
                 rgba = im.convert("RGBA")
                 canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(canvas, rgba)
             rgb = im.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
+        raise DataError(f"cannot decode image {path}: {' '.join(str(e).split())}") from None
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
         raise DataError(f"image {path} decoded to shape {list(array.shape)}, expected [H, W, 3]")
@@ -124,18 +141,40 @@ def parse_line(line: str, where: str, base: Path, cache: dict[Path, np.ndarray] 
     return Document(parsed, task=task, meta=meta)
 
 
-def load_jsonl(path: str | os.PathLike) -> list[Document]:
+def load_jsonl(path: str | os.PathLike, one_size: bool = False) -> list[Document]:
     """Every document of a JSONL file, in file order. Raises DataError ("FILE:LINE: what") on the
-    first bad line, FileNotFoundError if the file itself is missing."""
+    first bad line, FileNotFoundError if the file itself is missing.
+
+    one_size: every picture of the file must have the size of its first one (a trainer's image
+    tokenizer reads one size); the first that differs is named.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL file not found: {path}")
     base = path.resolve().parent
     cache: dict[Path, np.ndarray] = {}
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            docs.append(parse_line(line, f"{path}:{lineno}", base, cache))
+    first: tuple[tuple[int, ...], str] | None = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                doc = parse_line(line, where, base, cache)
+                if one_size:
+                    for i, image in enumerate(doc.images):
+                        if first is None:
+                            first = (image.shape, where)
+                        elif image.shape != first[0]:
+                            (h, w, _), (fh, fw, _) = image.shape, first[0]
+                            raise DataError(
+                                f"{where}: picture {i} of the document is {w}x{h} pixels, the file's first picture "
+                                f"({first[1]}) is {fw}x{fh}; every picture must have one size"
+                            )
+                docs.append(doc)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return docs
 
 

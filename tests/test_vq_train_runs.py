@@ -17,12 +17,13 @@ def _cfg(run_dir, *overrides):
     return configlib.apply_overrides(train_vq.PRESETS["tiny"](), base + list(overrides))
 
 
-def test_finished_run_is_reused_and_overwrite_retrains(tmp_path, capsys):
+def test_finished_run_is_reused_and_overwrite_retrains(tmp_path, caplog):
     cfg = _cfg(tmp_path / "run", "steps=2")
     run = train_vq.run(cfg)
     stamp = (run / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
-    train_vq.run(cfg)
-    assert "reusing the finished tokenizer" in capsys.readouterr().err
+    with caplog.at_level("INFO", logger="train.vqvae"):
+        train_vq.run(cfg)
+    assert "reusing the finished tokenizer" in caplog.text
     assert (run / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == stamp
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, codebook_size=32))
     with pytest.raises(configlib.ConfigError, match="different model.*codebook_size: 64 -> 32"):

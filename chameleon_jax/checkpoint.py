@@ -109,7 +109,10 @@ def _stored_shapes(params_dir: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
         raise CheckpointError(f"cannot read the parameters in {params_dir}: {error_line(e)}") from None
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
-    return flat_shapes(tree)
+    shapes = flat_shapes(tree) if tree is not None else {}
+    if not shapes:  # orbax only warns when it cannot read the metadata
+        raise CheckpointError(f"cannot read the parameters in {params_dir}: no readable tensor metadata")
+    return shapes
 
 
 def error_line(e: BaseException) -> str:

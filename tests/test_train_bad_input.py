@@ -117,8 +117,8 @@ def test_loading_a_missing_or_truncated_model_is_one_clear_error(tmp_path):
     cfg = MODEL_PRESETS["tiny"]()
     save_model(tmp_path / "model", Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
     files = [p for p in (tmp_path / "model" / "params").rglob("d/*") if p.is_file()]
-    for p in files:
-        with open(p, "r+b") as f:
-            f.truncate(p.stat().st_size // 2)
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=f"cannot read the parameters in {tmp_path / 'model' / 'params'}"):
         load_model(tmp_path / "model")

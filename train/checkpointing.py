@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import jax
 import orbax.checkpoint as ocp
 
-from chameleon_jax.checkpoint import CheckpointError, error_line
+from chameleon_jax.checkpoint import CheckpointError, error_line, path_str
 
 log = logging.getLogger("train.run")
 
@@ -175,14 +175,15 @@ def _check_shapes(manager, step: int, abstract_state: Any, folder: Path) -> None
         raise DamagedCheckpointError(step, _named_file(e, folder / "state"), f"unreadable: {error_line(e)}") from e
     if meta is None:
         raise DamagedCheckpointError(step, folder / "state" / "_METADATA", "holds no tensor metadata")
-    stored = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(meta)}
+    # Names as dotted paths: a saved namedtuple field (`.count`) reads back as a dict key (`['count']`).
+    stored = {path_str(k): v for k, v in jax.tree_util.tree_leaves_with_path(meta)}
     for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state):
-        name = jax.tree_util.keystr(path)
+        name = path_str(path)
         if name not in stored:
-            raise CheckpointError(f"checkpoint {folder} has no tensor {name}")
+            raise CheckpointError(f"checkpoint {folder} has no tensor '{name}'")
         want = tuple(getattr(leaf, "shape", ()))
         have = tuple(getattr(stored[name], "shape", want))
         if want != have:
             raise CheckpointError(
-                f"checkpoint {folder}: tensor {name} has shape {have}, the model expects {want}"
+                f"checkpoint {folder}: tensor '{name}' has shape {have}, the model expects {want}"
             )

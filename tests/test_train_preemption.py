@@ -82,22 +82,22 @@ def _compare(straight: Path, resumed: Path, steps: int) -> None:
 
 def _lm_args(run_dir, cache, steps):
     return [f"run_dir={run_dir}", f"data.cache_dir={cache}", "batch_size=8", "data.sequence.seq_len=128",
-            "log_interval=1", "checkpoint_interval=50", "eval_interval=0", "data.eval_split=", "peak_flops=1e12",
+            "log_interval=1", "checkpoint_interval=25", "eval_interval=0", "data.eval_split=", "peak_flops=1e12",
             "progress=false", "optim.warmup_steps=1", "optim.decay_steps=100", "data.train_examples=64",
             "data.interleaved_docs=16", "data.vocab_corpus_docs=200", f"steps={steps}"]
 
 
 def test_lm_sigterm_saves_the_step_in_flight_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    steps, cache = 60, tmp_path / "cache"
+    steps, cache = 30, tmp_path / "cache"
     resumed = tmp_path / "resumed"
-    _stop_with_sigterm("train.lm", _lm_args(resumed, cache, steps), resumed, interval=50)
+    _stop_with_sigterm("train.lm", _lm_args(resumed, cache, steps), resumed, interval=25)
     train_lm.run(configlib.apply_overrides(tiny(), _lm_args(resumed, cache, steps)))
     straight = train_lm.run(configlib.apply_overrides(tiny(), _lm_args(tmp_path / "straight", cache, steps)))
     _compare(straight, resumed, steps)
 
 
 def _vq_args(run_dir, steps, *more):
-    return ["preset=tiny", f"run_dir={run_dir}", f"steps={steps}", "checkpoint_every=50", "log_every=1",
+    return ["preset=tiny", f"run_dir={run_dir}", f"steps={steps}", "checkpoint_every=25", "log_every=1",
             "tensorboard=false", "optim.decay_steps=100", "progress=false", *more]
 
 
@@ -106,9 +106,9 @@ def _vq_cfg(args):
 
 
 def test_vqvae_sigterm_saves_the_step_in_flight_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    steps = 80
+    steps = 30
     resumed = tmp_path / "resumed"
-    _stop_with_sigterm("train.vqvae", _vq_args(resumed, steps), resumed, interval=50)
+    _stop_with_sigterm("train.vqvae", _vq_args(resumed, steps), resumed, interval=25)
     train_vq.run(_vq_cfg(_vq_args(resumed, steps)))
     straight = train_vq.run(_vq_cfg(_vq_args(tmp_path / "straight", steps)))
     _compare(straight, resumed, steps)

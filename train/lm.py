@@ -267,6 +267,7 @@ def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path
 
     pidx, pcount = jax.process_index(), jax.process_count()
     primary = pidx == 0
+    run_dir.mkdir(parents=True, exist_ok=True)
     data = LMData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
     cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image)
     if primary:

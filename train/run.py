@@ -92,7 +92,8 @@ def _bad_input_errors() -> tuple[type, ...]:
 class RunSession:
     """Holds the run directory's lock (primary process) and the stop-signal handlers for the run's life.
 
-    A first start that fails on bad input removes the folder it created, so nothing half-written stays.
+    A first start that fails on bad input before its first checkpoint removes the folder it created,
+    so nothing half-written stays.
     """
 
     def __init__(self, run_dir: str | os.PathLike, primary: bool = True):
@@ -113,7 +114,8 @@ class RunSession:
         self.stop.uninstall()
         if self.lock is not None:
             self.lock.release()
-        if self._created and exc_type is not None and issubclass(exc_type, _bad_input_errors()):
+        if self._created and exc_type is not None and issubclass(exc_type, _bad_input_errors()) \
+                and not any((self.run_dir / "checkpoints").glob("*")):
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def stopped(self, step: int, save: Callable[[], Path]) -> None:

@@ -28,9 +28,15 @@ _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def _preemption_service() -> bool:
     """True when this is a multi-process JAX job with JAX's preemption sync manager running."""
     import jax
-    from jax._src import distributed
 
-    return jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None
+    if jax.process_count() == 1:
+        return False
+    try:
+        from jax._src import distributed  # where jax keeps the manager; no public accessor
+
+        return distributed.global_state.preemption_sync_manager is not None
+    except (ImportError, AttributeError):
+        return False
 
 
 class StopRequest:

@@ -9,7 +9,9 @@ Several processes must save the same step. There JAX's preemption service decide
 process, and `multihost_utils.reached_preemption_sync_point(step)` turns True on all of
 them at one common step. A SIGINT is handed to that service as a SIGTERM to this process.
 Once the sync point is reached this module takes SIGTERM over too, so a second signal
-during the save still exits at once.
+during the save still exits at once. With the preemption service turned off
+(`jax_enable_preemption_service=false`) the processes agree through a small all-gather
+of the stop flag at every step instead.
 """
 
 from __future__ import annotations
@@ -80,9 +82,16 @@ class StopRequest:
 
     def should_stop(self, step: int) -> bool:
         """Called once per step by every process, with the number of steps done; True = save `step` and stop."""
-        if not self._shared:
-            return self.signum is not None
+        import jax
         from jax.experimental import multihost_utils
+
+        if not self._shared:
+            if jax.process_count() == 1:
+                return self.signum is not None
+            # Several processes without JAX's preemption service: agree through a small all-gather each step.
+            import numpy as np
+
+            return bool(np.asarray(multihost_utils.process_allgather(np.int32(self.signum is not None))).any())
 
         if not multihost_utils.reached_preemption_sync_point(step):
             return False

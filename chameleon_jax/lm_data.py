@@ -55,7 +55,12 @@ log = logging.getLogger(__name__)
 class LMDataConfig:
     """Where LM training documents come from and how they become rows."""
 
-    source: str = param("shapes", "document source: 'shapes' (synthetic tasks) or 'jsonl' (jsonl_train / jsonl_eval)")
+    source: str = param(
+        "shapes", "document source: 'shards' (train.tokenize output read through grain), 'shapes' (synthetic tasks, "
+                  "tokenised at start) or 'jsonl' (jsonl_train / jsonl_eval, tokenised at start)")
+    shards: str = param("", "source=shards: shard folder(s) of train.tokenize; several mixed by weight as DIR:W,DIR:W")
+    eval_shards: str = param("", "source=shards: shard folder(s) for the validation loss; empty = no evaluation")
+    workers: int = param(0, "source=shards: grain worker processes building batches; 0 = in the training process")
     image_size: int = param(0, "Shapes image side in pixels; 0 = the image tokenizer's own (64 for the stand-in)")
     train_split: str = param("train", "Shapes split to train on")
     eval_split: str = param("validation", "Shapes split for the validation loss; empty = no evaluation")
@@ -410,7 +415,13 @@ class LMData:
         seq_len: int | None = None,
         is_primary: bool = True,
     ) -> "LMData":
-        """Loads sources, the image tokenizer and code cache; trains or loads the vocabulary."""
+        """Loads sources, the image tokenizer and code cache; trains or loads the vocabulary.
+
+        source=shards returns a chameleon_jax.data.grain_pipeline.ShardData (same interface)."""
+        if cfg.source == "shards":
+            from chameleon_jax.data.grain_pipeline import ShardData
+
+            return ShardData.build(cfg, run_dir=run_dir, vq_dir=vq_dir, seq_len=seq_len, is_primary=is_primary)
         seq_len = int(seq_len or cfg.sequence.seq_len)
         run_dir = Path(run_dir)
         tokenizer, tok_fp, tok_dir = load_image_tokenizer(vq_dir, cfg)

@@ -320,11 +320,14 @@ def main(argv=None) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
 
+    from chameleon_jax.data.documents import DataError
+    from chameleon_jax.data.shards import ShardError
+
     def go():
         cfg = configlib.from_cli(argv, PRESETS, "default")
         try:
             out = run(cfg)
-        except (BadDocumentsError, FileNotFoundError) as e:
+        except (BadDocumentsError, FileNotFoundError, DataError, ShardError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(1) from None
         print(out)

@@ -182,6 +182,10 @@ class TfdsPairs:
         self.source = self.builder.as_data_source(split=split)
         self.split, self.image_key, self.text_key, self.pairs_as = split, image_key, text_key, pairs_as
         self.name = f"tfds:{name}[{split}]"
+        if len(self.source):  # a wrong feature mapping is an error at once, not a report of every example
+            first = self.source[0]
+            for key, what in ((image_key, "picture"), (text_key, "text")):
+                _feature(first, key, f"{self.name}: the {what} feature")
 
     def __len__(self) -> int:
         return len(self.source) * (2 if self.pairs_as == "both" else 1)

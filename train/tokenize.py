@@ -202,9 +202,16 @@ def _shard_records(items, cfg, encoder, vocab, seq_cfg, pool, info, progress):
     from chameleon_jax.data.shards import encode_record
     from chameleon_jax.sequence import encode_document
 
-    for start in range(0, len(items), cfg.chunk_docs):
+    starts = range(0, len(items), cfg.chunk_docs)
+
+    def submit(start):  # decoding runs in the pool while the previous chunk is encoded
+        return [pool.submit(_load, it, encoder.image_size) for it in items[start: start + cfg.chunk_docs]]
+
+    ahead = submit(0) if len(items) else []
+    for n, start in enumerate(starts):
         chunk = items[start: start + cfg.chunk_docs]
-        loaded = list(pool.map(lambda it: _load(it, encoder.image_size), chunk))
+        loaded = [f.result() for f in ahead]
+        ahead = submit(starts[n + 1]) if n + 1 < len(starts) else []
         pictures = [im for _, ims, _ in loaded if ims for im in ims]
         codes = iter(encoder.encode(pictures))
         n_images = 0

@@ -146,13 +146,18 @@ def batches(docs: grain.MapDataset, seq_len: int, pad_id: int, overlong: str, ro
     """Packed batches of `rows` rows; built in `workers` processes when > 0."""
     ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows))
     ds = PackRows(ds, seq_len, pad_id, overlong).batch(rows, drop_remainder=False)
-    if workers > 0:
-        from absl import flags
+    return worker_prefetch(ds, workers)
 
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain Python program has parsed none
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return ds
+
+def worker_prefetch(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+    """`ds` built in `workers` processes (grain's mp_prefetch); unchanged when workers is 0."""
+    if workers <= 0:
+        return ds
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain Python program has parsed none
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 class GrainBatches:

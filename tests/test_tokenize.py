@@ -178,3 +178,20 @@ t.main(["source=folder", "input={folder}", "out_dir={out}", "progress=false", "i
 
     with pytest.raises(ShardError, match="other settings"):
         run(_cfg(source="folder", input=str(folder), out_dir=str(out), docs_per_shard=5))
+
+
+def test_pictures_encode_split_over_every_local_device_as_one_call_does(tmp_path):
+    import jax
+    from flax import nnx
+
+    import vqvae
+    from chameleon_jax.data.picture_codes import PictureEncoder, fit_picture
+
+    tok = vqvae.Tokenizer(vqvae.VQModel(vqvae.VQ_PRESETS["tiny"](), rngs=nnx.Rngs(0)))
+    enc = PictureEncoder(tok, batch=5)
+    assert enc.batch % jax.local_device_count() == 0 and enc.image_size == 16
+    rng = np.random.default_rng(0)
+    pictures = [fit_picture(rng.integers(0, 256, (20, 30 + i, 3), dtype=np.uint8), 16) for i in range(11)]
+    codes = enc.encode(pictures)
+    assert codes.shape == (11, 4, 4) and codes.dtype == np.int32
+    np.testing.assert_array_equal(codes, np.asarray(tok.encode(np.stack(pictures))))

@@ -5,6 +5,9 @@
     batch = it.next_global(trainer.batch_sharding)  # dict of jax arrays [B, T]
 
 Sources (`LMDataConfig.source`):
+- "shards": documents tokenised beforehand by `python -m train.tokenize`, read
+  through grain (chameleon_jax.data.grain_pipeline, which `LMData.build` returns
+  for this source): the path for data sets of any size.
 - "shapes": the synthetic Shapes tasks (captioning, text-to-image, VQA,
   interleaved), mixed by config weights; document i of a split is a pure
   function of (seed, split, i), so the stream is infinite and reproducible.

@@ -12,7 +12,7 @@ from chameleon_jax import configlib
 from chameleon_jax.config import ModelConfig
 from chameleon_jax.data import Document, Segment, write_jsonl
 from chameleon_jax.data.grain_pipeline import (
-    GrainBatches, PackRows, ShardData, batches, document_stream, parse_mixture,
+    GrainBatches, ShardData, batches, document_stream, parse_mixture,
 )
 from chameleon_jax.data.shards import ShardSet
 from chameleon_jax.lm_data import LMDataConfig
@@ -115,7 +115,8 @@ def test_a_document_packed_beside_others_gives_the_logits_it_gives_alone(sets):
         alone = np.zeros_like(row["tokens"])
         alone[0, :n] = row["tokens"][0, where]
         ids = (np.arange(48) < n).astype(np.int32)[None]
-        out = forward(model, jnp.asarray(alone), jnp.asarray(np.arange(48, dtype=np.int32)[None] * ids), jnp.asarray(ids))[0]
+        positions = np.arange(48, dtype=np.int32)[None] * ids
+        out = forward(model, jnp.asarray(alone), jnp.asarray(positions), jnp.asarray(ids))[0]
         np.testing.assert_allclose(packed[where], out[:n], atol=1e-5)
 
 

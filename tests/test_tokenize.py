@@ -39,7 +39,8 @@ def _picture_folder(root: Path, n: int, bad: bool = False) -> Path:
 
 
 def _texts(shard_set: ShardSet, vocab: Vocabulary) -> list[str]:
-    return [vocab.decode_text([i for i in d.ids if not vocab.image_token_mask[i]]) for d in read_records(shard_set.paths)]
+    docs = read_records(shard_set.paths)
+    return [vocab.decode_text([i for i in d.ids if not vocab.image_token_mask[i]]) for d in docs]
 
 
 def test_folder_pairs_tokenise_and_a_corrupt_picture_is_reported_by_name(tmp_path):
@@ -68,7 +69,8 @@ def test_folder_pairs_tokenise_and_a_corrupt_picture_is_reported_by_name(tmp_pat
 def test_jsonl_documents_tokenise_with_prompt_weights(tmp_path):
     rng = np.random.default_rng(1)
     docs = [
-        Document((Segment(text="draw a square", is_target=False), Segment(image=rng.integers(0, 256, (32, 32, 3), np.uint8))), "t2i"),
+        Document((Segment(text="draw a square", is_target=False),
+                  Segment(image=rng.integers(0, 256, (32, 32, 3), np.uint8))), "t2i"),
         Document((Segment(text="just some text"),)),
         Document((Segment(image=rng.integers(0, 256, (64, 48, 3), np.uint8), is_target=False), Segment(text="noise"))),
     ]

@@ -46,7 +46,8 @@ class TokenizeConfig:
     grid_cells: int = param(4, "no vq_dir: the stand-in colour-grid tokenizer's cells per side")
     grid_levels: int = param(4, "no vq_dir: the stand-in tokenizer's levels per colour channel")
     image_size: int = param(32, "no vq_dir: the picture side pictures are fitted to (a VQ tokenizer uses its own)")
-    vocab_dir: str = param("", "use this saved vocabulary; empty = train one on the source's text (kept in out_dir/vocab)")
+    vocab_dir: str = param(
+        "", "use this saved vocabulary; empty = train one on the source's text (kept in out_dir/vocab)")
     text_vocab_size: int = param(512, "upper bound on sentencepiece pieces trained from the text")
     vocab_corpus_docs: int = param(4000, "documents whose text trains the sentencepiece model")
     text_weight: float = param(1.0, "loss weight stored for text targets")

@@ -246,8 +246,9 @@ class ShardData:
             if fp != first.tokenizer["fingerprint"]:
                 raise ShardError(f"vq_dir={vq_dir} is not the image tokenizer the shards in {first.directory} were "
                                  f"made with ({first.tokenizer.get('dir') or 'the colour-grid stand-in'})")
-        log.info("shards: %s (%d documents) for training%s", ", ".join(str(s.directory) for s in train_sets),
-                 sum(len(s) for s in train_sets), f", {sum(len(s) for s in eval_sets)} for evaluation" if eval_sets else "")
+        log.info("shards: %s (%d documents) for training, %d for evaluation",
+                 ", ".join(str(s.directory) for s in train_sets), sum(len(s) for s in train_sets),
+                 sum(len(s) for s in eval_sets))
         return cls(cfg, seq_len, vocab, train_sets, [w for _, w in mixture], eval_sets)
 
     def _batches(self, sets, weights, rows: int, process_index: int, process_count: int, shuffle: bool,

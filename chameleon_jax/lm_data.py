@@ -53,7 +53,6 @@ from chameleon_jax.vocab import Vocabulary
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class LMDataConfig:
     """Where LM training documents come from and how they become rows."""
@@ -265,18 +264,16 @@ def _data_fingerprint(images: Sequence[np.ndarray]) -> str:
 # --------------------------------------------------------------------------- document sources
 
 
-class ShapesSource:
+def shapes_source(cfg: LMDataConfig, split: str, seed: int):
     """The Shapes task mixture of one split (chameleon_jax.data.shapes.mixture) configured by LMDataConfig."""
+    from chameleon_jax.data.shapes.mixture import ShapesMixture
 
-    def __new__(cls, cfg: LMDataConfig, split: str, seed: int):
-        from chameleon_jax.data.shapes.mixture import ShapesMixture
-
-        weights = {"caption": cfg.caption_weight, "t2i": cfg.t2i_weight, "vqa": cfg.vqa_weight,
-                   "interleaved": cfg.interleaved_weight}
-        n_examples = cfg.train_examples if split == cfg.train_split else cfg.eval_examples
-        return ShapesMixture(split, cfg.image_size, weights, seed=seed, examples=n_examples,
-                             backend=cfg.shapes_backend, interleaved_docs=cfg.interleaved_docs,
-                             two_object_share=cfg.two_object_share if split == cfg.train_split else 0.0)
+    weights = {"caption": cfg.caption_weight, "t2i": cfg.t2i_weight, "vqa": cfg.vqa_weight,
+               "interleaved": cfg.interleaved_weight}
+    n_examples = cfg.train_examples if split == cfg.train_split else cfg.eval_examples
+    return ShapesMixture(split, cfg.image_size, weights, seed=seed, examples=n_examples,
+                         backend=cfg.shapes_backend, interleaved_docs=cfg.interleaved_docs,
+                         two_object_share=cfg.two_object_share if split == cfg.train_split else 0.0)
 
 
 class JsonlSource:
@@ -430,8 +427,8 @@ class LMData:
         tokenizer, tok_fp, tok_dir = load_image_tokenizer(vq_dir, cfg)
         cfg = dataclasses.replace(cfg, image_size=shapes_image_size(cfg, tokenizer, vq_dir))
         if cfg.source == "shapes":
-            train_src = ShapesSource(cfg, cfg.train_split, cfg.seed)
-            eval_src = ShapesSource(cfg, cfg.eval_split, cfg.seed + 1) if cfg.eval_split else None
+            train_src = shapes_source(cfg, cfg.train_split, cfg.seed)
+            eval_src = shapes_source(cfg, cfg.eval_split, cfg.seed + 1) if cfg.eval_split else None
         elif cfg.source == "jsonl":
             if not cfg.jsonl_train:
                 raise ValueError("source=jsonl needs data.jsonl_train")

@@ -5,6 +5,9 @@
     batch = it.next_global(trainer.batch_sharding)  # dict of jax arrays [B, T]
 
 Sources (`LMDataConfig.source`):
+- "shards": documents tokenised beforehand by `python -m train.tokenize`, read
+  through grain (chameleon_jax.data.grain_pipeline, which `LMData.build` returns
+  for this source): the path for data sets of any size.
 - "shapes": the synthetic Shapes tasks (captioning, text-to-image, VQA,
   interleaved), mixed by config weights; document i of a split is a pure
   function of (seed, split, i), so the stream is infinite and reproducible.
@@ -49,14 +52,17 @@ from chameleon_jax.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
 
-SHAPES_TASKS = ("caption", "t2i", "vqa", "interleaved")
-
 
 @dataclasses.dataclass(frozen=True)
 class LMDataConfig:
     """Where LM training documents come from and how they become rows."""
 
-    source: str = param("shapes", "document source: 'shapes' (synthetic tasks) or 'jsonl' (jsonl_train / jsonl_eval)")
+    source: str = param(
+        "shapes", "document source: 'shards' (train.tokenize output read through grain), 'shapes' (synthetic tasks, "
+                  "tokenised at start) or 'jsonl' (jsonl_train / jsonl_eval, tokenised at start)")
+    shards: str = param("", "source=shards: shard folder(s) of train.tokenize; several mixed by weight as DIR:W,DIR:W")
+    eval_shards: str = param("", "source=shards: shard folder(s) for the validation loss; empty = no evaluation")
+    workers: int = param(0, "source=shards: grain worker processes building batches; 0 = in the training process")
     image_size: int = param(0, "Shapes image side in pixels; 0 = the image tokenizer's own (64 for the stand-in)")
     train_split: str = param("train", "Shapes split to train on")
     eval_split: str = param("validation", "Shapes split for the validation loss; empty = no evaluation")
@@ -258,87 +264,16 @@ def _data_fingerprint(images: Sequence[np.ndarray]) -> str:
 # --------------------------------------------------------------------------- document sources
 
 
-class ShapesSource:
-    """An infinite, seeded stream of Shapes documents of one split (mixture of tasks)."""
+def shapes_source(cfg: LMDataConfig, split: str, seed: int):
+    """The Shapes task mixture of one split (chameleon_jax.data.shapes.mixture) configured by LMDataConfig."""
+    from chameleon_jax.data.shapes.mixture import ShapesMixture
 
-    def __init__(self, cfg: LMDataConfig, split: str, seed: int):
-        from chameleon_jax.data import shapes
-
-        self.shapes = shapes
-        self.split = split
-        self.seed = seed
-        weights = {"caption": cfg.caption_weight, "t2i": cfg.t2i_weight, "vqa": cfg.vqa_weight,
-                   "interleaved": cfg.interleaved_weight}
-        self.tasks = [t for t in SHAPES_TASKS if weights[t] > 0]
-        if not self.tasks:
-            raise ValueError("every Shapes task weight is 0; give at least one a positive weight")
-        w = np.array([weights[t] for t in self.tasks], np.float64)
-        self.probs = w / w.sum()
-        n_examples = cfg.train_examples if split == cfg.train_split else cfg.eval_examples
-        kw = dict(sizes={split: n_examples} if n_examples else None, backend=cfg.shapes_backend)
-        self.name = f"shapes-{split}-{cfg.image_size}-{n_examples or 'default'}"
-        self.examples = shapes.load(split, cfg.image_size, **kw)
-        # Examples read once are kept (about 13 KB each at 64 px: 260 MB for the 20000 training
-        # pictures): the stream revisits every picture many times, and reading a record (TFDS
-        # deserialisation, or drawing it where TFDS is absent) was most of the cost of a batch.
-        self._read: dict[int, dict] = {}
-        self.interleaved = []
-        if "interleaved" in self.tasks:
-            n = cfg.interleaved_docs or None
-            self.interleaved = list(shapes.interleaved_documents(split, cfg.image_size, n=n, **kw))
-        self._split_code = int.from_bytes(hashlib.sha1(split.encode()).digest()[:4], "little")
-        self._keep_one_object = _one_object_keep(cfg.two_object_share if split == cfg.train_split else 0.0)
-        self._images = shapes.load_images(split, cfg.image_size, **kw)
-
-    def document(self, index: int):
-        rng = np.random.default_rng([self.seed, self._split_code, index])
-        task = self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
-        if task == "interleaved":
-            return self.interleaved[int(rng.integers(len(self.interleaved)))]
-        example = self._example(rng, skew=task != "caption")
-        if task == "caption":
-            return self.shapes.caption_document(example, rng)
-        if task == "t2i":
-            return self.shapes.t2i_document(example, rng)
-        return self.shapes.vqa_document(example, rng)
-
-    def _example(self, rng: np.random.Generator, skew: bool) -> dict:
-        """A uniformly drawn example; with `skew`, one-object pictures are skipped with chance 1 - keep."""
-        keep = self._keep_one_object if skew else 1.0
-        while True:
-            i = int(rng.integers(len(self.examples)))
-            example = self._read.get(i)
-            if example is None:
-                example = self._read[i] = self.examples[i]
-            # keep >= 1 draws nothing more from rng, so the stream is the same as without the share.
-            if keep >= 1.0 or example["num_objects"] > 1 or rng.random() < keep:
-                return example
-
-    def images(self) -> list[np.ndarray]:
-        """Every image the stream can show (the split's pictures and the interleaved ones)."""
-        out = list(self._images)
-        for doc in self.interleaved:
-            out.extend(doc.images)
-        return out
-
-    def texts(self, num_docs: int) -> list[str]:
-        out = [s.text for i in range(num_docs) for s in self.document(i).segments if s.text]
-        for doc in self.interleaved:
-            out.extend(s.text for s in doc.segments if s.text)
-        return out
-
-
-def _one_object_keep(share: float) -> float:
-    """The chance of keeping a drawn one-object picture that makes two-object pictures `share` of those kept."""
-    from chameleon_jax.data.shapes.scenes import P_TWO_OBJECTS as p
-
-    if share == 0.0:
-        return 1.0
-    if not p <= share <= 1.0:
-        raise ValueError(
-            f"data.two_object_share={share} must be 0 (off) or between the split's own share {p} and 1"
-        )
-    return p * (1.0 - share) / (share * (1.0 - p))
+    weights = {"caption": cfg.caption_weight, "t2i": cfg.t2i_weight, "vqa": cfg.vqa_weight,
+               "interleaved": cfg.interleaved_weight}
+    n_examples = cfg.train_examples if split == cfg.train_split else cfg.eval_examples
+    return ShapesMixture(split, cfg.image_size, weights, seed=seed, examples=n_examples,
+                         backend=cfg.shapes_backend, interleaved_docs=cfg.interleaved_docs,
+                         two_object_share=cfg.two_object_share if split == cfg.train_split else 0.0)
 
 
 class JsonlSource:
@@ -480,14 +415,20 @@ class LMData:
         seq_len: int | None = None,
         is_primary: bool = True,
     ) -> "LMData":
-        """Loads sources, the image tokenizer and code cache; trains or loads the vocabulary."""
+        """Loads sources, the image tokenizer and code cache; trains or loads the vocabulary.
+
+        source=shards returns a chameleon_jax.data.grain_pipeline.ShardData (same interface)."""
+        if cfg.source == "shards":
+            from chameleon_jax.data.grain_pipeline import ShardData
+
+            return ShardData.build(cfg, run_dir=run_dir, vq_dir=vq_dir, seq_len=seq_len, is_primary=is_primary)
         seq_len = int(seq_len or cfg.sequence.seq_len)
         run_dir = Path(run_dir)
         tokenizer, tok_fp, tok_dir = load_image_tokenizer(vq_dir, cfg)
         cfg = dataclasses.replace(cfg, image_size=shapes_image_size(cfg, tokenizer, vq_dir))
         if cfg.source == "shapes":
-            train_src = ShapesSource(cfg, cfg.train_split, cfg.seed)
-            eval_src = ShapesSource(cfg, cfg.eval_split, cfg.seed + 1) if cfg.eval_split else None
+            train_src = shapes_source(cfg, cfg.train_split, cfg.seed)
+            eval_src = shapes_source(cfg, cfg.eval_split, cfg.seed + 1) if cfg.eval_split else None
         elif cfg.source == "jsonl":
             if not cfg.jsonl_train:
                 raise ValueError("source=jsonl needs data.jsonl_train")

@@ -74,10 +74,10 @@ def test_jsonl_pipeline_masks_prompts_and_names_overlong_documents(tmp_path):
 
 
 def test_two_object_share_reweights_training_t2i_and_vqa_only(tmp_path):
-    from chameleon_jax.lm_data import ShapesSource
+    from chameleon_jax.lm_data import shapes_source
 
     def share(cfg, split, tasks=("t2i", "vqa")):
-        src = ShapesSource(cfg, split, seed=0)
+        src = shapes_source(cfg, split, seed=0)
         docs = [src.document(i) for i in range(600)]
         return np.mean([len(d.meta["objects"]) == 2 for d in docs if d.task in tasks])
 
@@ -91,7 +91,7 @@ def test_two_object_share_reweights_training_t2i_and_vqa_only(tmp_path):
     only_two = _shapes_cfg(tmp_path, **kw, two_object_share=1.0)
     assert share(only_two, "train") == 1.0
     with pytest.raises(ValueError, match="two_object_share=0.3"):
-        ShapesSource(_shapes_cfg(tmp_path, **kw, two_object_share=0.3), "train", seed=0)
+        shapes_source(_shapes_cfg(tmp_path, **kw, two_object_share=0.3), "train", seed=0)
 
 
 def test_shapes_image_size_follows_the_tokenizer_and_names_a_mismatch(tmp_path):

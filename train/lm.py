@@ -136,16 +136,11 @@ def is_finished(run_dir: Path, cfg: LMTrainConfig) -> bool:
 # --------------------------------------------------------------------------- helpers
 
 
-def _gather_data_state(state: dict[str, int]) -> list[dict[str, int]]:
+def _gather_data_state(state: dict) -> list[dict]:
     """Every process's iterator state (the checkpoint's extra is written by process 0)."""
-    import jax
+    from chameleon_jax.data.grain_pipeline import allgather_json
 
-    if jax.process_count() == 1:
-        return [state]
-    from jax.experimental import multihost_utils
-
-    rows = multihost_utils.process_allgather(np.array([state["doc"], state["piece"]], np.int64))
-    return [{"doc": int(d), "piece": int(p)} for d, p in np.asarray(rows).reshape(-1, 2)]
+    return allgather_json(state)
 
 
 def check_batch_split(cfg: LMTrainConfig, mesh) -> None:
@@ -373,7 +368,7 @@ def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path
             if done < cfg.steps and session.stop.should_stop(done):
                 session.stopped(done, lambda: save_now(done))
     finally:
-        if isinstance(it, Prefetcher):
+        if hasattr(it, "close"):  # a prefetch thread, or grain's worker processes
             it.close()
         bar.close()
         ckpt.close()

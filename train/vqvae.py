@@ -72,15 +72,25 @@ log = logging.getLogger("train.vqvae")
 class VQDataConfig:
     """Where training pictures come from."""
 
-    source: Literal["shapes", "synthetic", "folder"] = param(
+    source: Literal["shapes", "synthetic", "folder", "tfds", "array_record"] = param(
         "shapes",
         "shapes: the Shapes data set; synthetic: random flat rectangles and discs drawn on the fly "
-        "(tests, no data needed); folder: every PNG/JPEG under data_dir, centre-cropped and resized",
+        "(tests, no data needed); folder: every picture under data_dir; tfds: the data set tfds_name; "
+        "array_record: files matching `records` whose records are PNG/JPEG bytes. folder, tfds and array_record "
+        "are streamed (decoded as read, never all in memory), shapes and synthetic are held in memory",
     )
-    train_split: str = param("train", "Shapes split to train on")
-    preview_split: str = param("validation", "Shapes split whose first pictures are shown in samples/")
+    train_split: str = param("train", "Shapes (or TFDS) split to train on")
+    preview_split: str = param("validation", "Shapes (or TFDS) split whose first pictures are shown in samples/")
     num_examples: int = param(0, "use only the first N training pictures (0 = all)")
-    data_dir: str = param("", "Shapes data directory (empty = default) or the image folder for source=folder")
+    data_dir: str = param("", "Shapes data directory (empty = default), the picture folder for source=folder, "
+                              "or the TFDS data folder for source=tfds")
+    tfds_name: str = param("", "source=tfds: the data set name (name[/config])")
+    tfds_image: str = param("image", "source=tfds: the picture feature ('/' for nested features)")
+    records: str = param("", "source=array_record: a glob of array_record files of encoded pictures")
+    random_crop: bool = param(False, "streamed sources: random square crops (shorter side resized to the model's) "
+                                     "instead of the centre")
+    flip: bool = param(False, "streamed sources: random horizontal flips")
+    workers: int = param(0, "grain worker processes decoding pictures; 0 = reader threads of this process")
     shuffle_seed: int = param(0, "seed of the per-epoch shuffle")
 
 
@@ -192,38 +202,43 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def _folder_images(directory: str, size: int, limit: int) -> np.ndarray:
-    from PIL import Image
-
-    from chameleon_jax.data import read_image
-
-    if not directory:
-        raise ConfigError("data.source=folder needs data.data_dir (a folder of PNG/JPEG pictures)")
-    files = sorted(p for p in Path(directory).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if limit:
-        files = files[:limit]
-    if not files:
-        raise FileNotFoundError(f"no PNG/JPEG pictures under {directory}")
-    out = np.empty((len(files), size, size, 3), np.uint8)
-    for i, f in enumerate(files):
-        img = Image.fromarray(read_image(f))
-        s = min(img.size)
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        out[i] = np.asarray(img.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS))
-    return out
-
-
 def load_images(data: VQDataConfig, split: str, image_size: int, limit: int = 0) -> np.ndarray:
-    """uint8 [N, S, S, 3] for `split` of the configured source."""
+    """uint8 [N, S, S, 3] for `split` of the configured source (streamed sources: the first `limit`, fitted)."""
     if data.source == "synthetic":
         n = limit or data.num_examples or 1024
         return synthetic_images(n, image_size, seed=hash(split) % 2**16 if split != "train" else 0)
-    if data.source == "folder":
-        return _folder_images(data.data_dir, image_size, limit or data.num_examples)
+    if data.source in _STREAMED:
+        pics = picture_stream(data, split, image_size, limit=limit or data.num_examples, crop=False)
+        return np.stack([pics[i] for i in range(len(pics))])
     from chameleon_jax.data import shapes
 
     images = shapes.load_images(split, image_size=image_size, data_dir=data.data_dir or None)
     return images[:limit] if limit else images
+
+
+_STREAMED = ("folder", "tfds", "array_record")
+
+
+def picture_stream(data: VQDataConfig, split: str, image_size: int, limit: int = 0, crop: bool = False):
+    """A lazily decoded grain.MapDataset of a streamed source's pictures (chameleon_jax.data.picture_stream)."""
+    from chameleon_jax.data.picture_stream import picture_dataset
+
+    if data.source == "folder" and not data.data_dir:
+        raise ConfigError("data.source=folder needs data.data_dir (a folder of pictures)")
+    location = {"folder": data.data_dir, "tfds": data.tfds_name, "array_record": data.records}[data.source]
+    if not location:
+        raise ConfigError(f"data.source={data.source} needs data.{'tfds_name' if data.source == 'tfds' else 'records'}")
+    return picture_dataset(data.source, location, image_size, image_key=data.tfds_image, split=split,
+                           data_dir=data.data_dir if data.source == "tfds" else "", random_crop=crop, limit=limit)
+
+
+def training_pictures(data: VQDataConfig, image_size: int):
+    """The training pictures as a grain.MapDataset: streamed, or held in memory (shapes, synthetic)."""
+    if data.source in _STREAMED:
+        return picture_stream(data, data.train_split, image_size, data.num_examples, crop=data.random_crop)
+    import grain
+
+    return grain.MapDataset.source(load_images(data, data.train_split, image_size, data.num_examples))
 
 
 # --------------------------------------------------------------------------- run directory
@@ -326,22 +341,23 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
     # ---- data: every host reads its rows of the same shuffled global batches.
     t0 = time.perf_counter()
     size = cfg.model.image_size
-    images = load_images(cfg.data, cfg.data.train_split, size, cfg.data.num_examples)
+    images = training_pictures(cfg.data, size)
     preview = load_images(cfg.data, cfg.data.preview_split, size, limit=16)
     if len(images) < cfg.batch_size:
         raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {len(images)} training pictures")
     data_s = time.perf_counter() - t0
-    log.info("%d training pictures %s loaded in %.1fs", len(images), images.shape[1:], data_s)
+    log.info("%d training pictures (%s) opened in %.1fs", len(images), cfg.data.source, data_s)
     n_proc, proc = jax.process_count(), jax.process_index()
     rows = cfg.batch_size // n_proc
-    dataset = (
-        grain.MapDataset.source(images)
-        .shuffle(seed=cfg.data.shuffle_seed)
-        .repeat()
-        .batch(cfg.batch_size, drop_remainder=True)
-        .map(lambda b: b[proc * rows : (proc + 1) * rows])
-    )
-    data_iter = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+    from chameleon_jax.data.grain_pipeline import worker_prefetch
+    from chameleon_jax.data.picture_stream import augment
+
+    # Global position i of the shuffled stream goes to process i mod P: each reads (and decodes) its rows only.
+    dataset = augment(images.shuffle(seed=cfg.data.shuffle_seed).repeat(), size, cfg.data.random_crop,
+                      cfg.data.flip, cfg.data.shuffle_seed)[proc::n_proc].batch(rows, drop_remainder=True)
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2 if cfg.data.source in _STREAMED else 1,
+                                                        prefetch_buffer_size=4))
+    data_iter = iter(worker_prefetch(dataset, cfg.data.workers))
 
     # ---- model, optimizer and their shardings: a 1-D data mesh, everything but the batch replicated.
     # The schedule's length is cfg.steps unless optim.decay_steps fixes it (then runs of any length share programs).

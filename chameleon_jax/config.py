@@ -97,10 +97,11 @@ MODEL_PRESETS = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh ('data', 'fsdp', 'tensor') and the logical-to-mesh rules table."""
+    """The device mesh ('data', 'fsdp', 'sequence', 'tensor') and the logical-to-mesh rules table."""
 
     data: int = param(-1, "data-parallel size within a slice; -1 takes the devices left over")
     fsdp: int = param(1, "fully-sharded (parameter + optimizer state) size within a slice")
+    sequence: int = param(1, "context-parallel size within a slice: splits each row's tokens (ring attention)")
     tensor: int = param(1, "tensor-parallel size within a slice")
     dcn_data: int = param(1, "data-parallel size across slices (multi-slice pods)")
     dcn_fsdp: int = param(1, "fsdp size across slices")
@@ -108,7 +109,7 @@ class MeshConfig:
     rules: tuple[tuple[str, str], ...] = param(
         (
             ("activation_batch", "data+fsdp"),
-            ("activation_length", ""),
+            ("activation_length", "sequence"),
             ("activation_embed", ""),
             ("activation_heads", "tensor"),
             ("activation_kv_heads", "tensor"),

@@ -5,7 +5,8 @@ queries stay put; the key, value and segment-id blocks travel around the ring wi
 `ppermute`, one hop per step, and the softmax is accumulated online (running max,
 running sum, running weighted values), so no device ever holds more than its own
 block of keys or a [T/S, T/S] block of scores. After S - 1 hops every query has met
-every key block.
+every key block. The backward pass keeps, per step, the key/value block and the running
+statistics, and rebuilds that step's scores (`jax.checkpoint`).
 
 Causal schedule: at step i, device d holds the keys of device (d - i) mod S. For
 i > 0 that block lies wholly in the future of d's queries when d < i, so the device
@@ -36,6 +37,9 @@ def _ring_block_attention(q_btnh, k_btkh, v_btkh, seg_q_bt, *, axis, size: int, 
     neg = jnp.finfo(jnp.float32).min
     ring = [(j, (j + 1) % size) for j in range(size)]
 
+    # Rematerialised: the backward pass rebuilds each block's [T/S, T/S] scores from the key
+    # block and the running statistics instead of keeping S blocks of scores per layer.
+    @jax.checkpoint
     def attend(src, k_btkh, v_btkh, seg_k_bt, carry):
         m_bkgt, l_bkgt, acc_bkgth = carry
         logits = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)

@@ -108,7 +108,7 @@ def parse_mesh(text: str) -> MeshConfig:
 def abstract_mesh(sizes: dict[str, int]):
     from jax.sharding import AbstractMesh
 
-    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
 
 
 # --------------------------------------------------------------------------- state

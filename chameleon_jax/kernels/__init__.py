@@ -12,7 +12,7 @@ against K key/value heads, the keys never repeated):
 
 `dot_product_attention` dispatches: ring attention wherever the rules table splits
 the token dimension over the active mesh, else the kernel `resolve_implementation`
-names. Splash and ring take causal masks and segment ids only, so a call with any
+names (splash per device under `shard_map`, with batch and heads split as the rules say). Splash and ring take causal masks and segment ids only, so a call with any
 other mask (a decode prefill against the cache) goes to the dense-mask kernels.
 """
 
@@ -29,6 +29,7 @@ from chameleon_jax.kernels.reference import naive_attention
 from chameleon_jax.kernels.ring import ring_attention
 from chameleon_jax.kernels.splash import splash_attention
 from chameleon_jax.sharding import active_mesh, logical_to_spec
+from jax.sharding import PartitionSpec
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "naive", "splash")
 Q_AXES = ("activation_batch", "activation_length", "activation_heads", None)
@@ -66,21 +67,39 @@ def resolve_implementation(impl: str, dtype, head_dim: int, backend: str | None 
     return impl
 
 
-def sequence_split(q_shape, kv_shape) -> tuple | None:
-    """(mesh, q spec, kv spec, segment spec) when the active rules split the token dimension, else None."""
+def attention_specs(q_shape, kv_shape) -> tuple | None:
+    """(mesh, q spec, kv spec, segment spec) of a self-attention call under the active rules; None without a mesh."""
     active = active_mesh()
     if active is None:
         return None
     mesh, rules = active
     q_spec = logical_to_spec(Q_AXES, rules, q_shape, mesh)
-    axes = q_spec[1] if isinstance(q_spec[1], tuple) else (q_spec[1],)
-    if q_spec[1] is None or math.prod(mesh.shape[a] for a in axes) == 1:
-        return None
     kv_spec = logical_to_spec(KV_AXES, rules, kv_shape, mesh)
     if q_spec[2] != kv_spec[2]:  # query heads split where kv heads cannot be: keep whole groups per device
-        q_spec = type(q_spec)(q_spec[0], q_spec[1], kv_spec[2], None)
-    segment_spec = logical_to_spec(SEGMENT_AXES, rules, q_shape[:2], mesh)
-    return mesh, q_spec, kv_spec, segment_spec
+        q_spec = PartitionSpec(q_spec[0], q_spec[1], kv_spec[2], None)
+    return mesh, q_spec, kv_spec, logical_to_spec(SEGMENT_AXES, rules, q_shape[:2], mesh)
+
+
+def sequence_split(q_shape, kv_shape) -> tuple | None:
+    """`attention_specs` when the active rules split the token dimension over more than one device, else None."""
+    specs = attention_specs(q_shape, kv_shape)
+    if specs is None or specs[1][1] is None:
+        return None
+    mesh, axes = specs[0], specs[1][1]
+    return specs if math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))) > 1 else None
+
+
+def _splash_sharded(q_btnh, k_btkh, v_btkh, segment_ids_bt) -> jax.Array:
+    """Splash attention per device under shard_map (a Pallas kernel is not partitioned by XLA itself)."""
+    specs = attention_specs(q_btnh.shape, k_btkh.shape)
+    if specs is None:
+        return splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)
+    mesh, q_spec, kv_spec, segment_spec = specs
+    if segment_ids_bt is None:
+        segment_ids_bt = jnp.zeros(q_btnh.shape[:2], jnp.int32)
+    fn = jax.shard_map(splash_attention, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, segment_spec),
+                       out_specs=q_spec, check_vma=False)
+    return fn(q_btnh, k_btkh, v_btkh, segment_ids_bt)
 
 
 def dot_product_attention(
@@ -113,7 +132,7 @@ def dot_product_attention(
     if impl == "chunked":
         return chunked_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal=is_causal)
     if impl == "splash":
-        return splash_attention(q_btnh, k_bskh, v_bskh, segment_ids_bt)
+        return _splash_sharded(q_btnh, k_bskh, v_bskh, segment_ids_bt)
     return jax.nn.dot_product_attention(
         q_btnh, k_bskh, v_bskh, mask=mask_b1ts, is_causal=is_causal, implementation=impl
     )

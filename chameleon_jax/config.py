@@ -41,8 +41,9 @@ class ModelConfig:
     remat_policy: Literal["none", "full", "save_dots", "save_names"] = param(
         "none", "activation rematerialisation of each block: none, recompute all, keep matmul outputs, keep named outputs"
     )
-    attention_impl: Literal["auto", "xla", "cudnn", "chunked", "naive"] = param(
-        "auto", "attention kernel: auto picks cudnn flash attention on GPU, chunked on CPU and xla elsewhere"
+    attention_impl: Literal["auto", "xla", "cudnn", "chunked", "naive", "splash"] = param(
+        "auto", "attention kernel: auto picks splash on TPU, cudnn flash attention on GPU, chunked on CPU, else xla "
+        "(a sequence mesh axis runs ring attention whatever this says)"
     )
     initializer_range: float = param(0.02, "stddev of the normal initialiser for weights")
     qk_norm_eps: float = param(1e-5, "QK LayerNorm epsilon (the released models use 1e-5 whatever norm_eps is)")

@@ -41,8 +41,9 @@ class ModelConfig:
     remat_policy: Literal["none", "full", "save_dots", "save_names"] = param(
         "none", "activation rematerialisation of each block: none, recompute all, keep matmul outputs, keep named outputs"
     )
-    attention_impl: Literal["auto", "xla", "cudnn", "chunked", "naive"] = param(
-        "auto", "attention kernel: auto picks cudnn flash attention on GPU, chunked on CPU and xla elsewhere"
+    attention_impl: Literal["auto", "xla", "cudnn", "chunked", "naive", "splash"] = param(
+        "auto", "attention kernel: auto picks splash on TPU, cudnn flash attention on GPU, chunked on CPU, else xla "
+        "(a sequence mesh axis runs ring attention whatever this says)"
     )
     initializer_range: float = param(0.02, "stddev of the normal initialiser for weights")
     qk_norm_eps: float = param(1e-5, "QK LayerNorm epsilon (the released models use 1e-5 whatever norm_eps is)")
@@ -97,10 +98,11 @@ MODEL_PRESETS = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh ('data', 'fsdp', 'tensor') and the logical-to-mesh rules table."""
+    """The device mesh ('data', 'fsdp', 'sequence', 'tensor') and the logical-to-mesh rules table."""
 
     data: int = param(-1, "data-parallel size within a slice; -1 takes the devices left over")
     fsdp: int = param(1, "fully-sharded (parameter + optimizer state) size within a slice")
+    sequence: int = param(1, "context-parallel size within a slice: splits each row's tokens (ring attention)")
     tensor: int = param(1, "tensor-parallel size within a slice")
     dcn_data: int = param(1, "data-parallel size across slices (multi-slice pods)")
     dcn_fsdp: int = param(1, "fsdp size across slices")
@@ -108,7 +110,7 @@ class MeshConfig:
     rules: tuple[tuple[str, str], ...] = param(
         (
             ("activation_batch", "data+fsdp"),
-            ("activation_length", ""),
+            ("activation_length", "sequence"),
             ("activation_embed", ""),
             ("activation_heads", "tensor"),
             ("activation_kv_heads", "tensor"),

@@ -2,7 +2,9 @@
 
 The model names logical axes only (`embed`, `heads`, `activation_batch`, ...). The
 rules table (`MeshConfig.rules`) maps each name to mesh axes of the
-('data', 'fsdp', 'tensor') mesh: `"data+fsdp"` for several, `""` for replicated.
+('data', 'fsdp', 'sequence', 'tensor') mesh: `"data+fsdp"` for several, `""` for
+replicated. `sequence` splits the token dimension of activations (context parallelism:
+attention then runs as ring attention, see `chameleon_jax.kernels.ring`).
 Changing the parallelism is a config edit, never a model edit.
 
 Two conventions keep one table usable for every model size:
@@ -26,7 +28,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 Rules = Sequence[tuple[str, str]] | Mapping[str, str]
 LogicalAxes = Sequence[str | None]
@@ -58,21 +60,21 @@ def _fill_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
 
 
 def build_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The ('data', 'fsdp', 'tensor') mesh described by a `MeshConfig`.
+    """The ('data', 'fsdp', 'sequence', 'tensor') mesh described by a `MeshConfig`.
 
-    In-slice sizes (`data`, `fsdp`, `tensor`, one of them may be -1) fill the devices of
-    one slice; `dcn_*` sizes multiply them across slices (multi-slice pods, built with
+    In-slice sizes (`data`, `fsdp`, `sequence`, `tensor`, one of them may be -1) fill the
+    devices of one slice; `dcn_*` sizes multiply them across slices (multi-slice pods, built with
     `create_hybrid_device_mesh` so the slow links carry the data-parallel traffic).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, mesh_cfg.dcn_tensor)
+    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1, mesh_cfg.dcn_tensor)  # the ring stays inside a slice
     if any(s < 1 for s in dcn):
         raise ValueError(f"dcn mesh sizes must be >= 1, got {dict(zip(MESH_AXES, dcn))}")
     slices = math.prod(dcn)
     if n % slices:
         raise ValueError(f"{n} devices cannot be split into {slices} slices (dcn sizes {dict(zip(MESH_AXES, dcn))})")
-    ici = _fill_sizes((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor), n // slices, "in-slice")
+    ici = _fill_sizes((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.sequence, mesh_cfg.tensor), n // slices, "in-slice")
     if slices > 1:
         if not all(hasattr(d, "slice_index") for d in devices):
             raise ValueError(f"a multi-slice mesh (dcn sizes {dcn}) needs devices that report a slice_index")

@@ -73,6 +73,7 @@ class Block(nnx.Module):
         is_causal: bool,
         deterministic: bool,
         dropout_key: jax.Array | None = None,
+        segment_ids_bt: jax.Array | None = None,
         cache: tuple[jax.Array, jax.Array] | None = None,
         layer=None,
         write_index=None,
@@ -81,7 +82,8 @@ class Block(nnx.Module):
         attn_key = ffn_key = None
         if dropout_key is not None:
             attn_key, ffn_key = jax.random.split(dropout_key)
-        attn = dict(mask_b1ts=mask_b1ts, is_causal=is_causal, cache=cache, layer=layer, write_index=write_index)
+        attn = dict(mask_b1ts=mask_b1ts, is_causal=is_causal, segment_ids_bt=segment_ids_bt, cache=cache, layer=layer,
+                    write_index=write_index)
 
         if self.swin_norm:
             a_btd, cache = self.attn(x_btd, positions_bt, **attn)
@@ -171,7 +173,8 @@ class Transformer(nnx.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens_bt.shape)
         mask_b1ts = None if segment_ids_bt is None else segment_mask(segment_ids_bt)
         x_btd = self._embed(tokens_bt, segment_ids_bt=segment_ids_bt)
-        x_btd, _ = self._blocks(x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=True, deterministic=deterministic)
+        x_btd, _ = self._blocks(x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=True, deterministic=deterministic,
+                                segment_ids_bt=segment_ids_bt)
         return self.lm_head(self.final_norm(x_btd))
 
     def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
@@ -222,7 +225,8 @@ class Transformer(nnx.Module):
             x_btd = x_btd + self.image_pos(image_index_bt)
         return constrain(x_btd, ACTIVATION_AXES)
 
-    def _blocks(self, x_btd, positions_bt, *, mask_b1ts, is_causal, deterministic, cache=None, write_index=None):
+    def _blocks(self, x_btd, positions_bt, *, mask_b1ts, is_causal, deterministic, cache=None, write_index=None,
+                segment_ids_bt=None):
         cfg = self.cfg
         keys = None
         if not deterministic and cfg.dropout > 0:
@@ -230,7 +234,8 @@ class Transformer(nnx.Module):
 
         def run(block, x_btd, key, layer_cache, layer=None):
             return block(x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=is_causal, deterministic=deterministic,
-                         dropout_key=key, cache=layer_cache, layer=layer, write_index=write_index)
+                         dropout_key=key, segment_ids_bt=segment_ids_bt, cache=layer_cache, layer=layer,
+                         write_index=write_index)
 
         policy = remat_policy(cfg)
         if cache is None and cfg.remat_policy != "none":

@@ -3,6 +3,8 @@
     python -m eval.bench_train                         # the `small` model
     python -m eval.bench_train preset=tiny batch_size=16 seq_len=256 model.dtype=bfloat16
     python -m eval.bench_train cpu_devices=0          # the devices as XLA_FLAGS gives them
+    python -m eval.bench_train model.attention_impl=xla seq_len=2048 batch_size=4 model.max_seq_len=2048
+    python -m eval.bench_train seq_len=8192 batch_size=1 model.max_seq_len=8192 mesh.data=1 mesh.sequence=2
 
 MFU = model FLOPs per token (transformer.flops_per_token: 6N + attention, forward
 and backward) x tokens/s / peak FLOP/s. The peak is measured in the same process
@@ -119,6 +121,7 @@ def bench(cfg: BenchTrainConfig) -> dict[str, float]:
     set_cpu_devices(cfg.cpu_devices)
     import jax
 
+    from chameleon_jax.kernels import resolve_implementation
     from chameleon_jax.sharding import build_mesh
     from chameleon_jax.transformer import count_params, flops_per_token
     from train.optim import make_optimizer, make_schedule
@@ -175,6 +178,8 @@ def bench(cfg: BenchTrainConfig) -> dict[str, float]:
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
         "dtype": cfg.model.dtype,
+        "attention": "ring" if mesh.shape["sequence"] > 1 else resolve_implementation(
+            cfg.model.attention_impl, cfg.model.dtype, cfg.model.head_dim),
         "compile_s": compile_s,
         "step_s_median": step_s,
         "step_s_min": float(np.min(times)),
@@ -199,7 +204,8 @@ def main(argv=None) -> None:
         cfg = configlib.from_cli(argv, PRESETS, "small")
         r = bench(cfg)
         print(f"device        {r['device']} x{r['devices']}  ({r['params'] / 1e6:.2f}M params, {r['dtype']})")
-        print(f"batch         {r['batch_size']} x {r['seq_len']} tokens; compile {r['compile_s']:.1f}s")
+        print(f"batch         {r['batch_size']} x {r['seq_len']} tokens; attention {r['attention']}; "
+              f"compile {r['compile_s']:.1f}s")
         print(f"step          {r['step_s_median'] * 1e3:.1f} ms median ({r['step_s_min'] * 1e3:.1f} ms best)")
         print(f"tokens/s      {r['tokens_per_s']:,.0f}")
         print(f"model FLOP/s  {r['model_flops_per_s'] / 1e9:.1f} G   (XLA-counted {r['xla_flops_per_s'] / 1e9:.1f} G)")

@@ -2,6 +2,7 @@
 
     python -m eval.plan --preset chameleon-7b --mesh fsdp=8 --batch 8 --seq 4096 --accelerator v5p
     python -m eval.plan --preset chameleon-34b --mesh data=2,fsdp=16,tensor=2 --batch 32 --seq 4096 --remat full
+    python -m eval.plan --preset chameleon-7b --mesh fsdp=16,sequence=8 --batch 16 --seq 32768 --set max_seq_len=32768
     python -m eval.plan --preset tiny --mesh data=2,fsdp=2,tensor=2 --batch 16 --seq 128 --compile   # + XLA's figures
     python -m eval.plan ... --json                                                                    # machine output
 
@@ -17,6 +18,10 @@ logical-axis metadata and the rules table (`MeshConfig.rules`). The estimate per
   remat policy (`SAVED_BY_POLICY`, checked against JAX's own residuals in the tests),
   times the number of blocks, plus the larger half (attention or SwiGLU) of one block's
   rebuilt tensors while it is recomputed, plus the float32 logits and their gradient.
+  The attention term follows the kernel the chip runs (printed as `attention=`): dense
+  kernels (XLA, chunked) keep [B, N, T, T] scores, flash-style ones (cuDNN on GPU, splash
+  on TPU) a [B, N, T] log-sum-exp; with the `sequence` axis every activation holds T/S
+  tokens per device and ring attention keeps each ring step's key/value block.
 
 "Fits" means the estimate is at most (1 - --reserve) of the chip's memory; the reserve
 stands for what is not modelled (runtime buffers, fragmentation, XLA's own choices).
@@ -41,7 +46,7 @@ from chameleon_jax.checkpoint import path_str
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig, chameleon_ffn_dim
 from eval import accelerators
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -69,12 +74,12 @@ def presets() -> dict[str, Any]:
 
 
 def mesh_sizes(mesh_cfg: MeshConfig, num_devices: int | None) -> dict[str, int]:
-    """Axis sizes of the ('data', 'fsdp', 'tensor') mesh (in-slice size x across-slice size).
+    """Axis sizes of the ('data', 'fsdp', 'sequence', 'tensor') mesh (in-slice size x across-slice size).
 
     One in-slice size may be -1; it then takes the devices left over, which needs `num_devices`.
     """
-    ici = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
-    dcn = [mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, mesh_cfg.dcn_tensor]
+    ici = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.sequence, mesh_cfg.tensor]
+    dcn = [mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1, mesh_cfg.dcn_tensor]
     if any(s < 1 for s in dcn) or any(s == 0 or s < -1 for s in ici) or ici.count(-1) > 1:
         raise configlib.ConfigError(f"mesh sizes must be positive (one in-slice size may be -1), got {mesh_cfg}")
     if -1 in ici:
@@ -92,8 +97,8 @@ def mesh_sizes(mesh_cfg: MeshConfig, num_devices: int | None) -> dict[str, int]:
 
 
 def parse_mesh(text: str) -> MeshConfig:
-    """'data=2,fsdp=4,tensor=1' (any MeshConfig size field; unnamed in-slice sizes are 1)."""
-    cfg = MeshConfig(data=1, fsdp=1, tensor=1)
+    """'data=2,fsdp=4,sequence=2,tensor=1' (any MeshConfig size field; unnamed in-slice sizes are 1)."""
+    cfg = MeshConfig(data=1, fsdp=1, sequence=1, tensor=1)
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:
         raise configlib.ConfigError("--mesh needs sizes like data=2,fsdp=4,tensor=1")
@@ -103,7 +108,7 @@ def parse_mesh(text: str) -> MeshConfig:
 def abstract_mesh(sizes: dict[str, int]):
     from jax.sharding import AbstractMesh
 
-    return AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in MESH_AXES), MESH_AXES)
 
 
 # --------------------------------------------------------------------------- state
@@ -167,7 +172,7 @@ def state_leaves(trainer) -> list[Leaf]:
 DENSE_OUTPUTS = ("q_raw", "k_raw", "v", "attn_proj", "gate", "up")
 SAVED_BY_POLICY = {
     "none": ("x", "attn_norm", "q", "k", "v", "qk_norm", "attn_mask", "attn_logits", "attn_exp", "attn_probs",
-             "attn_softmax_stats", "attn_heads", "ffn_norm", "gate", "up", "silu", "hidden",
+             "attn_softmax_stats", "attn_ring", "attn_heads", "ffn_norm", "gate", "up", "silu", "hidden",
              "attn_weights_compute_dtype", "mlp_weights_compute_dtype", "attn_out_weight_view", "attn_dropout_mask",
              "ffn_dropout_mask"),
     "full": ("x",),
@@ -192,9 +197,21 @@ def saved_tensors(cfg: ModelConfig) -> tuple[str, ...]:
     return SAVED_BY_POLICY[cfg.remat_policy]
 
 
-def attention_kernel(cfg: ModelConfig, backend: str) -> str:
-    from chameleon_jax.attention import resolve_implementation
+def ring_size(batch: int, seq: int, mesh, rules) -> int:
+    """Devices the rules split a row's tokens over (1: no context parallelism)."""
+    from chameleon_jax.sharding import logical_to_spec
 
+    axes = logical_to_spec(("activation_batch", "activation_length"), rules, (batch, seq), mesh)[1]
+    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def attention_kernel(cfg: ModelConfig, backend: str, mesh=None, rules=None, batch: int = 1, seq: int = 1) -> str:
+    """The training kernel: `ring` where the rules split the tokens over the mesh, else what `auto` resolves to."""
+    from chameleon_jax.kernels import resolve_implementation
+
+    if mesh is not None and ring_size(batch, seq, mesh, rules) > 1:
+        return "ring"
     return resolve_implementation(cfg.attention_impl, cfg.dtype, cfg.head_dim, backend)
 
 
@@ -245,8 +262,14 @@ def block_tensors(
         # output (the projections' input). In float32 the attention norm's input is x itself.
         attn_norm = (d_32 + d_c + (d_32 if half else 0), "attention norm: f32 input, normalised f32, output")
         ffn_norm = (2 * d_32 + d_c, "SwiGLU norm: f32 input h, normalised f32, output")
-    flash = kernel == "cudnn"
-    probs = size((b, n, t, t), bnt, 1)  # elements per device
+    # Flash-style kernels (cuDNN, splash) keep the output and a log-sum-exp, never [B,N,T,T]; ring
+    # attention keeps, per ring step, the key/value block it met and its running statistics.
+    flash = kernel in ("cudnn", "splash")
+    ring = kernel == "ring"
+    stats = size((b, n, t, 1), bnt, 4)
+    steps = ring_size(b, t, mesh, rules) if ring else 0
+    ring_bytes = steps * (2 * k_c + size((b, t), btd[:2], 4) + 2 * stats + q_c * 4 // c)
+    probs = 0 if flash or ring else size((b, n, t, t), bnt, 1)  # elements per device
     attn_params = d * (n + 2 * k) * h + n * h * d
     mlp_params = 3 * d * f
     weights_c = block_param_bytes * c // p if c != p else 0
@@ -262,12 +285,13 @@ def block_tensors(
         "k": T(k_c, "k after QK-norm and RoPE [B,T,K,H]", "attn"),
         "qk_norm": T((2 * (q_c + k_c) * 4 // c) if cfg.qk_norm != "none" else 0,
                      "QK-norm: centred and normalised q, k in f32", "attn"),
-        "attn_mask": T(0 if flash else probs, "causal mask [B,N,T,T] bool", "attn"),
-        "attn_logits": T(0 if flash else 4 * probs, "masked logits [B,N,T,T] f32", "attn"),
-        "attn_exp": T(0 if flash else 4 * probs, "exp(logits - max) [B,N,T,T] f32", "attn"),
-        "attn_probs": T(0 if flash else c * probs, f"probabilities [B,N,T,T] {cfg.dtype}", "attn"),
-        "attn_softmax_stats": T(size((b, n, t, 1), bnt, 4) if flash else 0,
-                                "flash attention statistics [B,N,T] f32", "attn"),
+        "attn_mask": T(probs, "causal mask [B,N,T,T] bool", "attn"),
+        "attn_logits": T(4 * probs, "masked logits [B,N,T,T] f32", "attn"),
+        "attn_exp": T(4 * probs, "exp(logits - max) [B,N,T,T] f32", "attn"),
+        "attn_probs": T(c * probs, f"probabilities [B,N,T,T] {cfg.dtype}", "attn"),
+        "attn_softmax_stats": T(stats if flash else 0, f"{kernel} attention statistics [B,N,T] f32", "attn"),
+        "attn_ring": T(ring_bytes, f"ring attention, {steps} steps: each step's k, v block, segment ids, "
+                                   "running max, sum and output (f32)", "attn"),
         "attn_heads": T(q_c, "attention output per head [B,T,N,H]", "attn"),
         "attn_proj": T(d_c, "attention output projection [B,T,D]", "attn"),
         "ffn_norm": T(*ffn_norm, "mlp"),
@@ -389,6 +413,8 @@ def make_plan(
         raise configlib.ConfigError(
             f"--batch {batch} does not split over data*fsdp = {batch_shards} devices (rows are sharded over both)"
         )
+    if seq % sizes["sequence"]:
+        raise configlib.ConfigError(f"--seq {seq} does not split over sequence = {sizes['sequence']} devices")
     mesh = abstract_mesh(sizes)
     rules = mesh_cfg.rules
     trainer = make_trainer(cfg, mesh, rules)
@@ -402,7 +428,8 @@ def make_plan(
         return sum(l.device_bytes for l in leaves if l.group == group)
 
     def parts_for(backend: str) -> tuple[dict[str, int], dict[str, Any]]:
-        acts = activation_estimate(cfg, batch, seq, mesh, rules, attention_kernel(cfg, backend), block_bytes)
+        kernel = attention_kernel(cfg, backend, mesh, rules, batch, seq)
+        acts = activation_estimate(cfg, batch, seq, mesh, rules, kernel, block_bytes)
         param_bytes = total("params")
         return {
             "params": param_bytes,
@@ -419,7 +446,7 @@ def make_plan(
     assert num_params == count_params(cfg), (num_params, count_params(cfg))
 
     def fit(a: accelerators.Accelerator) -> dict[str, Any]:
-        # Each chip with the attention kernel it would run (cuDNN flash attention on GPUs).
+        # Each chip with the attention kernel it would run (cuDNN flash attention on GPUs, splash on TPUs).
         needed = total_bytes if a.backend == backend else sum(parts_for(a.backend)[0].values())
         usable = a.memory_bytes * (1 - reserve)
         return {"accelerator": a.name, "memory_bytes": a.memory_bytes, "usable_bytes": int(usable),
@@ -436,6 +463,7 @@ def make_plan(
         "batch": batch,
         "seq": seq,
         "rows_per_device": batch // batch_shards,
+        "tokens_per_row_per_device": seq // sizes["sequence"],
         "bytes_per_device": parts,
         "total_bytes_per_device": total_bytes,
         "activations": acts,
@@ -477,7 +505,7 @@ def compiled_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: int, seq: 
     from chameleon_jax.sequence import BATCH_DTYPES
 
     token_bytes = sum(np.dtype(d).itemsize for d in BATCH_DTYPES.values())
-    batch_bytes = batch * seq * token_bytes // (sizes["data"] * sizes["fsdp"])
+    batch_bytes = batch * seq * token_bytes // (sizes["data"] * sizes["fsdp"] * sizes["sequence"])
     out = {
         "backend": jax.default_backend(),
         "argument_bytes": int(m.argument_size_in_bytes),
@@ -529,7 +557,9 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None,
         f"compute {m['dtype']}, params {m['param_dtype']}, remat={m['remat_policy']}, "
         f"attention={plan['activations']['attention_kernel']}",
         f"mesh {mesh} ({plan['devices']} devices); global batch {plan['batch']} x {plan['seq']} tokens, "
-        f"{plan['rows_per_device']} row(s) per device",
+        f"{plan['rows_per_device']} row(s) per device"
+        + (f", {plan['tokens_per_row_per_device']} tokens of each (context parallel, ring attention)"
+           if plan["mesh"]["sequence"] > 1 else ""),
         "",
     ]
     # Parameters grouped by name (stacked blocks are one row each).

@@ -96,7 +96,11 @@ def test_auto_dispatch():
     assert resolve_implementation("auto", jnp.float32, 128, backend="gpu") == "xla"  # cuDNN needs half precision
     assert resolve_implementation("auto", jnp.bfloat16, 12, backend="gpu") == "xla"  # head_dim not a multiple of 8
     assert resolve_implementation("auto", jnp.bfloat16, 128, backend="cpu") == "chunked"
-    assert resolve_implementation("auto", jnp.bfloat16, 128, backend="tpu") == "xla"
+    assert resolve_implementation("auto", jnp.bfloat16, 128, backend="tpu") == "splash"
+    assert resolve_implementation("auto", jnp.bfloat16, 64, backend="tpu") == "xla"  # under the kernel's lane width
+    # A dense mask (a decode prefill) goes to the kernel that takes any mask.
+    assert resolve_implementation("auto", jnp.bfloat16, 128, backend="tpu", segments_only=False) == "xla"
+    assert resolve_implementation("splash", jnp.float32, 16, backend="cpu", segments_only=False) == "xla"
     assert resolve_implementation("cudnn", jnp.float32, 128, backend="cpu") == "cudnn"  # explicit choice is kept
     assert resolve_implementation("naive", jnp.bfloat16, 128) == "naive"
     with pytest.raises(ValueError, match="flash"):

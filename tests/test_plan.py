@@ -192,8 +192,9 @@ def test_cli_error_is_one_line_and_exit_status_2():
 
 
 def test_mesh_sizes_fill_minus_one_and_multiply_slices():
-    assert plan.mesh_sizes(plan.parse_mesh("data=-1,fsdp=4"), 32) == {"data": 8, "fsdp": 4, "tensor": 1}
-    assert plan.mesh_sizes(plan.parse_mesh("fsdp=8,dcn_data=2"), None) == {"data": 2, "fsdp": 8, "tensor": 1}
+    assert plan.mesh_sizes(plan.parse_mesh("data=-1,fsdp=4"), 32) == {"data": 8, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert plan.mesh_sizes(plan.parse_mesh("fsdp=8,dcn_data=2"), None) == {"data": 2, "fsdp": 8, "sequence": 1,
+                                                                            "tensor": 1}
 
 
 def test_accelerator_table_lookup_and_detection():

@@ -29,10 +29,13 @@ RULES = MeshConfig().rules
 def test_build_mesh_sizes_and_fill():
     assert len(jax.devices()) == 8
     mesh = build_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert dict(build_mesh(MeshConfig(data=-1, fsdp=1, tensor=2)).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-    assert dict(build_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)).shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert mesh.axis_names == ("data", "fsdp", "sequence", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+    assert dict(build_mesh(MeshConfig(data=-1, fsdp=1, tensor=2)).shape) == {"data": 4, "fsdp": 1, "sequence": 1,
+                                                                              "tensor": 2}
+    assert dict(build_mesh(MeshConfig(data=1, fsdp=-1, tensor=1)).shape) == {"data": 1, "fsdp": 8, "sequence": 1,
+                                                                              "tensor": 1}
+    assert dict(build_mesh(MeshConfig(data=2, sequence=-1)).shape)["sequence"] == 4
     assert build_mesh(MeshConfig(data=2, fsdp=1, tensor=2), devices=jax.devices()[:4]).size == 4
 
 
@@ -48,7 +51,8 @@ def test_mesh_that_does_not_divide_the_devices_is_a_clear_error():
 
 
 def test_logical_to_spec():
-    assert logical_to_spec(("activation_batch", "activation_length", "activation_embed"), RULES) == P(("data", "fsdp"), None, None)
+    assert logical_to_spec(("activation_batch", "activation_length", "activation_embed"), RULES) == P(
+        ("data", "fsdp"), "sequence", None)
     assert logical_to_spec(("embed", "heads", "head_dim"), RULES) == P("fsdp", "tensor", None)
     assert logical_to_spec(("layers", "embed", "mlp"), RULES) == P(None, "fsdp", "tensor")
     # A mesh axis is used once per array: fsdp goes to the batch, so embed stays replicated.

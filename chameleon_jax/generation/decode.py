@@ -66,6 +66,7 @@ class DecodeParams(NamedTuple):
     image_top_k: jax.Array
     image_top_p: jax.Array
     guidance_scales: jax.Array  # float32 [3]: (s, s_img, s_txt)
+    row_ids_b: jax.Array | None = None  # int32 [B]: each row's random stream (default: its index)
 
 
 @dataclasses.dataclass
@@ -172,7 +173,7 @@ def pad_prompts(rows: Sequence[Sequence[int]], padded_len: int, pad_id: int) -> 
 
 def _choose(logits_rv, row_state, step, key, params, tables, spec, batch):
     """Guidance, modes and sampling for one step. Returns (tokens [B], new state, pre-mask logits [B, V])."""
-    cond_bv = logits_rv[:batch]
+    cond_bv = guidance_lib.conditional_rows(logits_rv, guidance_lib.FORMS.index(spec.form) + 1)
     is_image_b = row_state.mode_b == modes.IMAGE
     if spec.form != "none":
         guided_bv = guidance_lib.combine(logits_rv, params.guidance_scales, form=spec.form)
@@ -189,7 +190,7 @@ def _choose(logits_rv, row_state, step, key, params, tables, spec, batch):
         use_top_k=spec.use_top_k, use_top_p=spec.use_top_p,
     )
     if spec.use_sampling:
-        row_ids_b = jnp.arange(batch, dtype=jnp.int32)
+        row_ids_b = jnp.arange(batch, dtype=jnp.int32) if params.row_ids_b is None else params.row_ids_b
         token_b = sampling.choose_tokens(jax.random.fold_in(key, step), row_ids_b, filtered_bv, temperature_b)
     else:
         token_b = sampling.first_argmax(filtered_bv)
@@ -255,7 +256,7 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
     logits_bnv = jnp.zeros([batch, limit if spec.return_logits else 0, vocab], jnp.float32)
     if spec.return_logits:
         logits_bnv = logits_bnv.at[:, 0].set(logits_bv)
-    is_guide_r = jnp.arange(rows) >= batch
+    is_guide_r = guidance_lib.guidance_row_mask(rows, streams)
     first_r = jnp.where(is_guide_r, cache_len, padded).astype(jnp.int32)
 
     def keep_going(c: _Carry):
@@ -263,7 +264,7 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
 
     def step_fn(c: _Carry) -> _Carry:
         write = padded + c.step - 1  # the slot of the token being fed
-        token_r = jnp.tile(c.token_b, streams)
+        token_r = guidance_lib.to_rows(c.token_b, streams)
         # A guidance row that is fed <boi> forgets everything generated before it.
         first_r = jnp.where(is_guide_r & (token_r == tables.boi_id), write, c.first_r)
         visible_rs = base_mask_rs | ((slots_s[None] >= first_r[:, None]) & (slots_s[None] <= write))
@@ -271,7 +272,7 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
         index_r1 = None
         if positioned:  # guidance rows feed the same token at the same index as their own row
             index_b = modes.code_index(c.row_state, c.token_b, tables, codes_per_image=spec.codes_per_image)
-            index_r1 = jnp.tile(index_b, streams)[:, None]
+            index_r1 = guidance_lib.to_rows(index_b, streams)[:, None]
         logits_r1v, cache = run_model(token_r[:, None], pos_r[:, None], c.cache, write, visible_rs, index_r1)
         token_b, row_state, logits_bv = _choose(logits_r1v[:, 0], c.row_state, c.step, key, params, tables,
                                                 spec, batch)

@@ -220,3 +220,9 @@ def create_sharded_model(cfg, mesh: Mesh, rules: Rules, seed: int = 0):
     with use_mesh(mesh, rules):
         state = init()
     return nnx.merge(graphdef, state)
+
+
+def place_model(model, mesh: Mesh, rules: Rules):
+    """`model` with every variable moved into its sharding on `mesh` (those already there stay put)."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))

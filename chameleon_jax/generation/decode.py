@@ -35,6 +35,7 @@ from flax import nnx
 
 from chameleon_jax.generation import guidance as guidance_lib
 from chameleon_jax.generation import modes
+from chameleon_jax.generation import placement as placement_lib
 from chameleon_jax.generation import sampling
 from chameleon_jax.generation.guidance import Guidance
 from chameleon_jax.generation.sampling import SamplingParams
@@ -306,6 +307,8 @@ def generate_tokens(
     stop_at_eot: bool = True,
     ignore_eos: bool = False,
     return_logits: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
 ) -> DecodeResult:
     """Generates continuations of token-id prompts with one compiled loop.
 
@@ -315,6 +318,11 @@ def generate_tokens(
     prompts: B lists of ids, each starting with `<bos>`, of any lengths.
     codes_per_image: the image tokenizer's code count (0: images are never
     opened). Same seed, same prompts, same settings -> same tokens.
+    mesh, rules: run on a device mesh with the training rules table (default
+    `MeshConfig().rules`); the model's parameters must already be placed on it
+    (`sharding.place_model`). See `placement.py` for the layout and for several
+    processes, where each passes its own prompts and gets their outputs back.
+    The tokens are the ones one device would choose.
     """
     if modality not in modes.MODALITIES:
         raise ValueError(f"modality must be one of {modes.MODALITIES}, got {modality!r}")
@@ -322,10 +330,15 @@ def generate_tokens(
         raise ValueError("no prompts given")
     if modality == "text" or codes_per_image <= 0:
         guidance = Guidance()  # guidance only touches image tokens
+    lengths, batch = [len(p) for p in prompts], None
+    if mesh is not None:
+        placement = placement_lib.Placement.of(mesh, rules)
+        batch = placement_lib.local_batch(prompts, placement, vocab.bos_id)
+        prompts, lengths = batch.prompts, batch.all_lengths  # every process plans the same shapes
     rows = guidance_lib.stream_prompts(prompts, guidance, bos_id=vocab.bos_id, boi_id=vocab.boi_id,
                                        eoi_id=vocab.eoi_id)
     padded, limit = plan_lengths(
-        [len(p) for p in prompts], max_new_tokens=max_new_tokens, context=model_context(model),
+        lengths, max_new_tokens=max_new_tokens, context=model_context(model),
         modality=modality, codes_per_image=codes_per_image,
     )
     tokens_rp, mask_rp = pad_prompts(rows, padded, vocab.pad_id)
@@ -338,13 +351,19 @@ def generate_tokens(
     )
     tables = modes.token_tables(vocab, model_vocab_size(model), stop_at_eot=stop_at_eot, ignore_eos=ignore_eos)
     graphdef, model_state, _ = model if isinstance(model, FrozenModel) else freeze(model)
-    out_bn, length_b, steps, logits_bnv = _decode_loop(
-        graphdef, model_state, tables, jnp.asarray(tokens_rp), jnp.asarray(mask_rp), params,
-        jax.random.key(seed), spec=spec,
-    )
+    if batch is not None:
+        out_bn, length_b, steps, logits_bnv = placement_lib.run_loop(
+            _decode_loop.__wrapped__, graphdef, model_state, tables, tokens_rp, mask_rp, params, seed, spec=spec,
+            placement=placement, batch=batch, streams=guidance.num_streams,
+        )
+    else:
+        out_bn, length_b, steps, logits_bnv = _decode_loop(
+            graphdef, model_state, tables, jnp.asarray(tokens_rp), jnp.asarray(mask_rp), params,
+            jax.random.key(seed), spec=spec,
+        )
     out_bn, length_b = np.asarray(out_bn), np.asarray(length_b)
     return DecodeResult(
-        tokens=[out_bn[b, : length_b[b]].tolist() for b in range(len(prompts))],
+        tokens=[out_bn[b, : length_b[b]].tolist() for b in range(len(out_bn))],
         steps=int(steps), prompt_len=padded, cache_len=padded + limit,
         logits=np.asarray(logits_bnv) if return_logits else None,
     )

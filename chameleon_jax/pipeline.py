@@ -218,8 +218,12 @@ class Pipeline:
         stop_at_eot: bool = True,
         ignore_eos: bool = False,
         return_logits: bool = False,
+        stream_ids: Sequence[int] | None = None,
     ) -> DecodeResult:
-        """Token-level `generate`: prompts of ids (each starting with `<bos>`) -> a `DecodeResult`."""
+        """Token-level `generate`: prompts of ids (each starting with `<bos>`) -> a `DecodeResult`.
+
+        stream_ids: each prompt's random stream under `seed` (default: its index in the batch).
+        """
         if modality == "image" and self.codes_per_image == 0:
             self._require_tokenizer("modality='image'")
         if max_new_tokens is None:
@@ -232,7 +236,7 @@ class Pipeline:
             image=SamplingParams(image_temperature, image_top_k, image_top_p),
             guidance=resolve_guidance(cfg_scale, cfg_image_scale, cfg_text_scale),
             codes_per_image=self.codes_per_image, seed=seed, stop_at_eot=stop_at_eot, ignore_eos=ignore_eos,
-            return_logits=return_logits, mesh=self.mesh, rules=self.rules,
+            return_logits=return_logits, mesh=self.mesh, rules=self.rules, stream_ids=stream_ids,
         )
 
     def generate(self, prompts: str | Sequence[str | Sequence[Segment]], *, modality: str = "text",
@@ -264,15 +268,22 @@ class Pipeline:
 
 
 def resolve_mesh(mesh, rules=None):
-    """(Mesh or None, rules): a `MeshConfig` is built over the available devices and brings its rules."""
+    """(Mesh or None, rules). A `MeshConfig` brings its rules and is built over the first devices:
+    all of them when a size is -1, else as many as its sizes multiply to (data=1 alone: one device)."""
     from chameleon_jax.config import MeshConfig
 
     if mesh is None:
         return None, None
     if isinstance(mesh, MeshConfig):
+        import jax
+
         from chameleon_jax.sharding import build_mesh
 
-        return build_mesh(mesh), mesh.rules if rules is None else rules
+        sizes = (mesh.data, mesh.fsdp, mesh.tensor, mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor)
+        devices = jax.devices()
+        if -1 not in sizes and math.prod(sizes) < len(devices):
+            devices = devices[: math.prod(sizes)]  # sizes without -1 name how many devices to use
+        return build_mesh(mesh, devices), mesh.rules if rules is None else rules
     return mesh, MeshConfig().rules if rules is None else rules
 
 

@@ -309,6 +309,7 @@ def generate_tokens(
     return_logits: bool = False,
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
+    stream_ids: Sequence[int] | None = None,
 ) -> DecodeResult:
     """Generates continuations of token-id prompts with one compiled loop.
 
@@ -323,17 +324,21 @@ def generate_tokens(
     (`sharding.place_model`). See `placement.py` for the layout and for several
     processes, where each passes its own prompts and gets their outputs back.
     The tokens are the ones one device would choose.
+    stream_ids: each prompt's random stream under `seed` (default: its index in the
+    batch, counted over all processes); a prompt's samples depend on its own id only.
     """
     if modality not in modes.MODALITIES:
         raise ValueError(f"modality must be one of {modes.MODALITIES}, got {modality!r}")
-    if not prompts:
+    if not prompts and mesh is None:  # on a mesh, a process may have no prompts of its own
         raise ValueError("no prompts given")
+    if stream_ids is not None and len(stream_ids) != len(prompts):
+        raise ValueError(f"{len(stream_ids)} stream_ids for {len(prompts)} prompts")
     if modality == "text" or codes_per_image <= 0:
         guidance = Guidance()  # guidance only touches image tokens
     lengths, batch = [len(p) for p in prompts], None
     if mesh is not None:
         placement = placement_lib.Placement.of(mesh, rules)
-        batch = placement_lib.local_batch(prompts, placement, vocab.bos_id)
+        batch = placement_lib.local_batch(prompts, placement, vocab.bos_id, stream_ids)
         prompts, lengths = batch.prompts, batch.all_lengths  # every process plans the same shapes
     rows = guidance_lib.stream_prompts(prompts, guidance, bos_id=vocab.bos_id, boi_id=vocab.boi_id,
                                        eoi_id=vocab.eoi_id)
@@ -348,6 +353,7 @@ def generate_tokens(
     params = DecodeParams(
         f32(text.temperature), i32(text.top_k), f32(text.top_p),
         f32(image.temperature), i32(image.top_k), f32(image.top_p), guidance.scales(),
+        None if stream_ids is None else jnp.asarray(stream_ids, jnp.int32),
     )
     tables = modes.token_tables(vocab, model_vocab_size(model), stop_at_eot=stop_at_eot, ignore_eos=ignore_eos)
     graphdef, model_state, _ = model if isinstance(model, FrozenModel) else freeze(model)

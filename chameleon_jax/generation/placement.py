@@ -102,7 +102,8 @@ class LocalBatch:
     all_lengths: list[int]  # lengths of every process's real prompts (for the length plan)
 
 
-def local_batch(prompts: Sequence[Sequence[int]], placement: Placement, bos_id: int) -> LocalBatch:
+def local_batch(prompts: Sequence[Sequence[int]], placement: Placement, bos_id: int,
+                stream_ids: Sequence[int] | None = None) -> LocalBatch:
     """Pads this process's prompts so that the global batch splits into whole prompts per row shard.
 
     A collective when there are several processes: every process must call it.
@@ -120,8 +121,8 @@ def local_batch(prompts: Sequence[Sequence[int]], placement: Placement, bos_id: 
     filler = list(prompts[0]) if prompts else [bos_id]
     padded = [list(p) for p in prompts] + [filler] * (per_process - len(prompts))
     row_ids = np.zeros([per_process], np.int32)
-    row_ids[: len(prompts)] = offset + np.arange(len(prompts))
-    row_ids[len(prompts):] = offset if prompts else 0
+    row_ids[: len(prompts)] = offset + np.arange(len(prompts)) if stream_ids is None else stream_ids
+    row_ids[len(prompts):] = row_ids[0] if prompts else 0
     return LocalBatch(
         prompts=padded, row_ids=row_ids, real=len(prompts), start=index * per_process, per_process=per_process,
         global_prompts=per_process * processes,

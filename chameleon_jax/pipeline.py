@@ -282,6 +282,9 @@ def resolve_mesh(mesh, rules=None):
         sizes = (mesh.data, mesh.fsdp, mesh.tensor, mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor)
         devices = jax.devices()
         if -1 not in sizes and math.prod(sizes) < len(devices):
+            if jax.process_count() > 1:
+                raise ValueError(f"a run of {jax.process_count()} processes needs a mesh over all {len(devices)} "
+                                 f"devices, but the mesh sizes multiply to {math.prod(sizes)}: set e.g. mesh.data=-1")
             devices = devices[: math.prod(sizes)]  # sizes without -1 name how many devices to use
         return build_mesh(mesh, devices), mesh.rules if rules is None else rules
     return mesh, MeshConfig().rules if rules is None else rules

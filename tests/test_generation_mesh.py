@@ -45,10 +45,10 @@ def steered_model():
     return Biased(tiny_model(num_heads=4, num_kv_heads=2), bias_at(64, {IMAGE_AT: BOI}))
 
 
-def run_calls(pipe) -> dict[str, list[list[int]]]:
-    mixed = pipe.generate_ids(PROMPTS, modality="any", max_new_tokens=IMAGE_AT + K + 6, cfg_image_scale=1.5,
+def run_calls(pipe, prompts=PROMPTS) -> dict[str, list[list[int]]]:
+    mixed = pipe.generate_ids(prompts, modality="any", max_new_tokens=IMAGE_AT + K + 6, cfg_image_scale=1.5,
                               cfg_text_scale=2.0, **SAMPLING).tokens
-    image = pipe.generate_ids(PROMPTS, modality="image", max_new_tokens=K + 2, cfg_scale=3.0, **SAMPLING).tokens
+    image = pipe.generate_ids(prompts, modality="image", max_new_tokens=K + 2, cfg_scale=3.0, **SAMPLING).tokens
     return {"mixed": mixed, "image": image}
 
 

@@ -16,7 +16,12 @@ Per device, for generation on the mesh with the training rules table (`generatio
   time, so the larger of one block's attention half (q, k, v, the scores of the attention
   kernel this backend runs, the mask, the output) and its SwiGLU half, plus the residual
   stream, its float32 norm copies and the step's float32 logits;
-- the loop's own arrays: prompt tokens and masks, and the generated ids.
+- the loop's own arrays: prompt tokens and masks, and the generated ids;
+- weights gathered over `fsdp`: every step needs each block's weights whole, and XLA
+  hoists these loop-invariant all-gathers, so with fsdp > 1 the gathered weights (all
+  but the embedding table, which is read by a gather) stay live, once for the prefill
+  and once for the loop (as XLA's buffer assignment shows on CPU). fsdp saves parameter
+  memory in training; for serving, prefer data and tensor axes.
 
 `--compile` lowers the real sharded decode loop for the same shapes on this machine's
 (fake CPU) devices and prints XLA's `memory_analysis()` beside the estimate; scale a big
@@ -97,11 +102,10 @@ def temporaries(cfg: ModelConfig, rows: int, prompt_len: int, context: int, mesh
     bkts = ("activation_batch", "activation_kv_heads", None, "activation_length", None)
     residual = size((r, t, d), btd, c) + 2 * size((r, t, d), btd, 4)  # x, and the norm's float32 copies
     q, kv = size((r, t, n, h), btn, c), size((r, t, k, h), btk, c)
-    if kernel == "cudnn":
+    if kernel == "xla":  # float32 scores and their exponentials over every key
+        scores = 2 * size((r, k, n // k, t, s), bkts, 4)
+    else:  # flash attention keeps none; the chunked kernel's per-block scores fuse away (XLA:CPU, measured)
         scores = 0
-    else:  # float32 scores and their exponentials over the keys, per query block
-        queries = min(t, 96) if kernel == "chunked" else t
-        scores = 2 * size((r, k, n // k, queries, s), bkts, 4)
     mask = size((r, 1, t, s), ("activation_batch", None, "activation_length", None), 1)
     attention = 2 * q + 2 * kv + scores + mask  # q, k, v, the attention output (q's shape), scores, mask
     mlp = 3 * size((r, t, f), btf, c)  # gate, up, hidden
@@ -148,7 +152,11 @@ def make_generate_plan(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: int, co
         temps = temporaries(cfg, rows, prompt_len, context, mesh, rules, kernel)
         temps["attention_kernel"] = kernel
         return {"params": sum(l["device_bytes"] for l in leaves), "kv_cache": cache,
-                "temporaries": temps["total_bytes"], "loop_arrays": loop_arrays}, temps
+                "temporaries": temps["total_bytes"], "loop_arrays": loop_arrays, "gathered_weights": gathered}, temps
+
+    fsdp = sizes["fsdp"]
+    gathered = 0 if fsdp == 1 else 2 * sum(l["device_bytes"] * fsdp for l in leaves
+                                            if "fsdp" in l["spec"] and not l["path"].startswith("embed/"))
 
     parts, temps = parts_for(backend)
     total = sum(parts.values())
@@ -238,12 +246,12 @@ def compiled_generate_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: i
 
 
 def compare_generate(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
-    """Ratios estimate / compiler: parameters against XLA's parameter arguments, and the cache plus
-    temporaries plus loop arrays against XLA's temporaries and outputs."""
+    """Ratios estimate / compiler: parameters against XLA's parameter arguments, and everything else
+    (cache, temporaries, loop arrays, gathered weights) against XLA's temporaries and outputs."""
     p = plan["bytes_per_device"]
     return {
         "params_estimate_over_xla": p["params"] / max(xla["param_bytes"], 1),
-        "transient_estimate_over_xla": (p["kv_cache"] + p["temporaries"] + p["loop_arrays"])
+        "transient_estimate_over_xla": (p["kv_cache"] + p["temporaries"] + p["loop_arrays"] + p["gathered_weights"])
         / max(xla["temp_bytes"] + xla["output_bytes"], 1),
     }
 
@@ -272,12 +280,13 @@ def render_generate(plan: dict[str, Any], preset: str, xla: dict[str, Any] | Non
             "kv_cache": f"KV cache ({m['num_layers']} layers x k, v)",
             "temporaries": f"largest temporaries (prefill block: attention {_gib(t['attention_bytes'])}, "
                            f"SwiGLU {_gib(t['mlp_bytes'])}; logits)",
-            "loop_arrays": "prompt ids and mask, generated ids"}
+            "loop_arrays": "prompt ids and mask, generated ids",
+            "gathered_weights": "weights gathered over fsdp (prefill and loop)"}
     rows = [[what[k], _gib(v)] for k, v in p.items()] + [["total", _gib(plan["total_bytes_per_device"])]]
     if xla is not None:
-        transient = p["kv_cache"] + p["temporaries"] + p["loop_arrays"]
+        transient = p["kv_cache"] + p["temporaries"] + p["loop_arrays"] + p["gathered_weights"]
         out += [_table([["parameters", _gib(p["params"]), _gib(xla["param_bytes"])],
-                        ["KV cache + temporaries + loop arrays", _gib(transient),
+                        ["KV cache + temporaries + loop arrays + gathered", _gib(transient),
                          _gib(xla["temp_bytes"] + xla["output_bytes"])],
                         ["peak", _gib(plan["total_bytes_per_device"]), _gib(xla["peak_bytes"])]],
                        ["estimate vs compiler, per device", "estimate", f"XLA ({xla['backend']})"]), ""]

@@ -233,6 +233,8 @@ def place_model(model, mesh: Mesh, rules: Rules):
     def put(x, sharding):
         if getattr(x, "sharding", None) == sharding or sharding.is_fully_addressable:
             return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard on the devices
+            return jax.jit(lambda a: a, out_shardings=sharding)(x)
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
         host = np.asarray(x)

@@ -5,6 +5,15 @@
 
 `<image>` in the prompt marks where the images go (in order); without it the
 images come first. `python -m chameleon_jax.generate --help` lists every option.
+
+Batch inference over a JSONL file of prompts (see `chameleon_jax.batch_generate`):
+
+    python -m chameleon_jax.generate path=... prompts=prompts.jsonl out=results batch_size=16
+
+On a device mesh, with the training mesh fields and rules (`mesh.*`), and over
+several processes (`cluster.*`, as `train.lm`):
+
+    python -m chameleon_jax.generate path=... prompts=prompts.jsonl out=results mesh.tensor=8
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from typing import Literal, Optional
 import numpy as np
 
 from chameleon_jax import configlib
+from chameleon_jax.config import MeshConfig
 from chameleon_jax.configlib import ConfigError, param
+from chameleon_jax.generation.distributed import DistributedConfig, is_primary, maybe_initialize
 
 IMAGE_MARK = "<image>"
 
@@ -46,6 +57,15 @@ class GenerateConfig:
     seed: int = param(0, "sampling seed (same seed, same output)")
     out: str = param("generated", "output directory for the page and its PNGs")
     format: Literal["html", "md", "both"] = param("both", "page format: index.html, page.md or both")
+    prompts: str = param("", "JSONL file of prompts, one document a line: batch inference into out/outputs.jsonl "
+                              "(per-line modality, max_new_tokens, seed); replaces prompt= and image=")
+    batch_size: int = param(8, "batch inference: prompts generated together (per length bucket)")
+    progress: bool = param(True, "batch inference: show a progress bar with prompts/s and tokens/s")
+    mesh: MeshConfig = param(
+        MeshConfig(data=1, fsdp=1, tensor=1),
+        "device mesh and rules, as in training: the sizes name how many devices (data=1 alone: one device; "
+        "a -1 takes every device), e.g. mesh.tensor=8 or mesh.data=-1")
+    cluster: DistributedConfig = param(DistributedConfig(), "multi-process runs (jax.distributed), as in train.lm")
 
 
 def read_image(path: str) -> np.ndarray:
@@ -129,25 +149,55 @@ def write_page(out: Path, prompt: list, results: list[list], meta: dict, fmt: st
     return written
 
 
+def sampling_kwargs(cfg: GenerateConfig) -> dict:
+    """The `Pipeline.generate` keywords every prompt of a call shares."""
+    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, image_temperature=cfg.image_temperature,
+                image_top_k=cfg.image_top_k, image_top_p=cfg.image_top_p, cfg_scale=cfg.cfg_scale,
+                cfg_image_scale=cfg.cfg_image_scale, cfg_text_scale=cfg.cfg_text_scale)
+
+
+def run_batch(cfg: GenerateConfig) -> Path:
+    """Batch inference over the JSONL file `cfg.prompts` into cfg.out/outputs.jsonl."""
+    from chameleon_jax import batch_generate
+    from chameleon_jax.pipeline import load_pipeline
+
+    if cfg.prompt or cfg.image:
+        raise ConfigError("give prompts= (a JSONL file) or prompt=/image=, not both")
+    if not Path(cfg.prompts).is_file():
+        raise ConfigError(f"prompts file {cfg.prompts!r} does not exist")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    pipe = load_pipeline(cfg.path, mesh=cfg.mesh)
+    stats = batch_generate.run(pipe, cfg.prompts, cfg.out, batch_size=cfg.batch_size, modality=cfg.modality,
+                               max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, progress=cfg.progress,
+                               **sampling_kwargs(cfg))
+    out = Path(cfg.out) / batch_generate.OUTPUTS
+    if is_primary():
+        print(f"wrote {out}: {stats['generated']} generated, {stats['skipped']} already done, {stats['errors']} "
+              f"error record(s); {stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s")
+    return out
+
+
 def run(cfg: GenerateConfig) -> list[Path]:
     from chameleon_jax.pipeline import load_pipeline
 
     if not cfg.path:
         raise ConfigError("set path= to a model directory")
+    maybe_initialize(cfg.cluster)
+    if cfg.prompts:
+        return [run_batch(cfg)]
     if cfg.num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {cfg.num_samples}")
     prompt = build_prompt(cfg.prompt, [read_image(p) for p in cfg.image])
     if not prompt:
         raise ConfigError("give a prompt= and/or image=")
-    pipe = load_pipeline(cfg.path)
+    pipe = load_pipeline(cfg.path, mesh=cfg.mesh)
     t0 = time.perf_counter()
-    results = pipe.generate(
-        [prompt] * cfg.num_samples, modality=cfg.modality, max_new_tokens=cfg.max_new_tokens or None,
-        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, image_temperature=cfg.image_temperature,
-        image_top_k=cfg.image_top_k, image_top_p=cfg.image_top_p, cfg_scale=cfg.cfg_scale,
-        cfg_image_scale=cfg.cfg_image_scale, cfg_text_scale=cfg.cfg_text_scale, seed=cfg.seed,
-    )
+    results = pipe.generate([prompt] * cfg.num_samples, modality=cfg.modality,
+                            max_new_tokens=cfg.max_new_tokens or None, seed=cfg.seed, **sampling_kwargs(cfg))
     seconds = time.perf_counter() - t0
+    if not is_primary():
+        return []
     meta = {"model": cfg.path, "modality": cfg.modality, "seed": cfg.seed, "seconds": round(seconds, 2)}
     written = write_page(Path(cfg.out), prompt, results, meta, cfg.format)
     for path in written:

@@ -46,13 +46,20 @@ class Pipeline:
     `decode(codes) -> uint8 images`, `codes_per_image`, and optionally
     `image_size`, `grid`, `can_decode`.
 
+    mesh: a `jax.sharding.Mesh` or a `MeshConfig` (built over the available devices):
+    generation then runs on that mesh with the training rules table (`rules`, default
+    the `MeshConfig`'s): the model's parameters are placed in their training shards and
+    the decode loop splits prompts and KV cache over the data axes (`generation/placement.py`).
+    Under `jax.distributed`, each process passes its own prompts and gets their outputs.
+
     The model is split once, on the first generation, and reused (`generation.freeze`).
     The split shares the model's variables, so weights updated in place are used; after
     replacing variables or submodules, or updating a stacked (`scan_layers`) model, whose
     split is an unstacked copy, call `refresh()` (assigning a new `model` refreshes too).
     """
 
-    def __init__(self, model, vocab, tokenizer=None):
+    def __init__(self, model, vocab, tokenizer=None, *, mesh=None, rules=None):
+        self.mesh, self.rules = resolve_mesh(mesh, rules)
         self.model = model
         self.vocab = vocab
         self.tokenizer = tokenizer
@@ -66,6 +73,13 @@ class Pipeline:
 
     @model.setter
     def model(self, model) -> None:
+        if self.mesh is not None:
+            from chameleon_jax.sharding import place_model
+            from chameleon_jax.transformer import Transformer, unstack_layers
+
+            # Unstacked before placing, as `freeze` would: only the decoding layout is kept on the mesh.
+            model = place_model(unstack_layers(model) if isinstance(model, Transformer) else model, self.mesh,
+                                self.rules)
         self._model, self._frozen = model, None
 
     def refresh(self) -> None:
@@ -73,8 +87,8 @@ class Pipeline:
         self._frozen = None
 
     @classmethod
-    def from_parts(cls, model, vocab, tokenizer=None) -> "Pipeline":
-        return cls(model, vocab, tokenizer)
+    def from_parts(cls, model, vocab, tokenizer=None, *, mesh=None, rules=None) -> "Pipeline":
+        return cls(model, vocab, tokenizer, mesh=mesh, rules=rules)
 
     # ------------------------------------------------------------------ facts
 
@@ -150,6 +164,10 @@ class Pipeline:
         """Generated ids -> segments: text runs as str, images as uint8 arrays (see `generate`)."""
         return self._segments_of_all([tokens])[0]
 
+    def segments_of_rows(self, rows: Sequence[Sequence[int]]) -> list[list[Any]]:
+        """`segments_of` for many rows at once (their images decoded in one batch)."""
+        return self._segments_of_all(rows)
+
     def _segments_of_all(self, rows: Sequence[Sequence[int]]) -> list[list[Any]]:
         vocab = self.vocab
         pieces: list[list[Any]] = []
@@ -200,8 +218,12 @@ class Pipeline:
         stop_at_eot: bool = True,
         ignore_eos: bool = False,
         return_logits: bool = False,
+        stream_ids: Sequence[int] | None = None,
     ) -> DecodeResult:
-        """Token-level `generate`: prompts of ids (each starting with `<bos>`) -> a `DecodeResult`."""
+        """Token-level `generate`: prompts of ids (each starting with `<bos>`) -> a `DecodeResult`.
+
+        stream_ids: each prompt's random stream under `seed` (default: its index in the batch).
+        """
         if modality == "image" and self.codes_per_image == 0:
             self._require_tokenizer("modality='image'")
         if max_new_tokens is None:
@@ -214,7 +236,7 @@ class Pipeline:
             image=SamplingParams(image_temperature, image_top_k, image_top_p),
             guidance=resolve_guidance(cfg_scale, cfg_image_scale, cfg_text_scale),
             codes_per_image=self.codes_per_image, seed=seed, stop_at_eot=stop_at_eot, ignore_eos=ignore_eos,
-            return_logits=return_logits,
+            return_logits=return_logits, mesh=self.mesh, rules=self.rules, stream_ids=stream_ids,
         )
 
     def generate(self, prompts: str | Sequence[str | Sequence[Segment]], *, modality: str = "text",
@@ -245,6 +267,29 @@ class Pipeline:
         return self._segments_of_all(result.tokens)
 
 
+def resolve_mesh(mesh, rules=None):
+    """(Mesh or None, rules). A `MeshConfig` brings its rules and is built over the first devices:
+    all of them when a size is -1, else as many as its sizes multiply to (data=1 alone: one device)."""
+    from chameleon_jax.config import MeshConfig
+
+    if mesh is None:
+        return None, None
+    if isinstance(mesh, MeshConfig):
+        import jax
+
+        from chameleon_jax.sharding import build_mesh
+
+        sizes = (mesh.data, mesh.fsdp, mesh.tensor, mesh.dcn_data, mesh.dcn_fsdp, mesh.dcn_tensor)
+        devices = jax.devices()
+        if -1 not in sizes and math.prod(sizes) < len(devices):
+            if jax.process_count() > 1:
+                raise ValueError(f"a run of {jax.process_count()} processes needs a mesh over all {len(devices)} "
+                                 f"devices, but the mesh sizes multiply to {math.prod(sizes)}: set e.g. mesh.data=-1")
+            devices = devices[: math.prod(sizes)]  # sizes without -1 name how many devices to use
+        return build_mesh(mesh, devices), mesh.rules if rules is None else rules
+    return mesh, MeshConfig().rules if rules is None else rules
+
+
 def default_max_new_tokens(modality: str, codes_per_image: int) -> int:
     image = codes_per_image + 2 if codes_per_image else 0
     return {"image": image, "text": DEFAULT_TEXT_TOKENS}.get(modality, DEFAULT_TEXT_TOKENS + image)
@@ -265,7 +310,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
 
 
-def load_pipeline(path: str | os.PathLike, *, overrides: dict | None = None) -> Pipeline:
+def load_pipeline(path: str | os.PathLike, *, overrides: dict | None = None, mesh=None, rules=None) -> Pipeline:
     """The pipeline stored in a model directory.
 
     Reads DIR/config.json + DIR/params/ (the model), the vocabulary from
@@ -273,6 +318,7 @@ def load_pipeline(path: str | os.PathLike, *, overrides: dict | None = None) -> 
     checkpoints), and the image tokenizer from DIR/tokenizer/ when that holds
     one. overrides: model config fields to change at load time (see
     `chameleon_jax.checkpoint.load_model`), e.g. {"dtype": "bfloat16"}.
+    mesh, rules: as for `Pipeline`; each parameter is restored straight into its shard.
     """
     from chameleon_jax.checkpoint import load_model
     from chameleon_jax.transformer import unstack_layers
@@ -294,5 +340,6 @@ def load_pipeline(path: str | os.PathLike, *, overrides: dict | None = None) -> 
         tokenizer = vqvae.load_tokenizer(path / "tokenizer")
     # Generation runs the blocks one by one: a stacked (scan_layers) checkpoint is unstacked once here
     # rather than copied per decode step, and only one copy of the weights is kept.
-    model = unstack_layers(load_model(path, overrides=overrides))
-    return Pipeline(model, vocab, tokenizer)
+    mesh, rules = resolve_mesh(mesh, rules)
+    model = unstack_layers(load_model(path, mesh, rules, overrides=overrides))
+    return Pipeline(model, vocab, tokenizer, mesh=mesh, rules=rules)

@@ -222,3 +222,24 @@ def create_sharded_model(cfg, mesh: Mesh, rules: Rules, seed: int = 0):
     with use_mesh(mesh, rules):
         state = init()
     return nnx.merge(graphdef, state)
+
+
+def place_model(model, mesh: Mesh, rules: Rules):
+    """`model` with every variable moved into its sharding on `mesh` (those already there stay put).
+
+    A mesh spanning several processes takes each value from this host's copy, so every
+    process must hold the same values (a model built from the same seed, or loaded).
+    """
+    graphdef, state = nnx.split(model)
+
+    def put(x, sharding):
+        if getattr(x, "sharding", None) == sharding or sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard on the devices
+            return jax.jit(lambda a: a, out_shardings=sharding)(x)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return nnx.merge(graphdef, jax.tree.map(put, state, state_shardings(state, mesh, rules)))

@@ -14,6 +14,11 @@ thread counts in `hf_threads`). Where JAX runs on a GPU, Hugging Face runs on it
 generated image (the image's tokens only, no pixel decoding) without and with two-stream
 classifier-free guidance, for 64- and 1024-code images on `image_preset` with its context
 raised to fit.
+
+`mesh="data=8"` (MeshConfig sizes, space-separated: `mesh="data=2 tensor=4"`) also times our
+text decoding on that device mesh beside one device, same weights and prompts (on a CPU,
+give fake devices: `XLA_FLAGS=--xla_force_host_platform_device_count=8`); `hf=false` skips
+Hugging Face.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class BenchConfig:
         (1, 0), "torch thread counts tried for Hugging Face on the CPU (0 = torch's default); its best is reported"
     )
     hf_device: str = param("auto", "where Hugging Face runs: cpu, cuda, or auto (cuda when JAX runs on a GPU and torch sees one)")
+    mesh: str = param("", "also time our text decoding on this mesh, e.g. 'data=8' or 'data=2 tensor=4' (empty = off)")
+    hf: bool = param(True, "also time Hugging Face generate (false: our decode only)")
     seed: int = param(0, "weights and prompt seed")
     out: str = param("", "also write the results as JSON to this path")
 
@@ -167,6 +174,7 @@ def bench_preset(preset: str, cfg: BenchConfig, work: Path) -> tuple[list[dict],
     save_random_hf_chameleon(model_cfg, hf_dir, codebook_size=codebook, seed=cfg.seed)
     convert(hf_dir, our_dir, scan_layers=cfg.scan_layers)
     pipe = load_pipeline(our_dir)
+    mesh_pipe = load_pipeline(our_dir, mesh=parse_mesh(cfg.mesh)) if cfg.mesh else None
     device = hf_device(cfg.hf_device)
     hf = ChameleonForConditionalGeneration.from_pretrained(hf_dir).eval().to(device)
     rng = np.random.default_rng(cfg.seed)
@@ -176,7 +184,7 @@ def bench_preset(preset: str, cfg: BenchConfig, work: Path) -> tuple[list[dict],
         prompts = random_prompts(pipe.vocab, batch, cfg.prompt_len, rng)
         input_ids = torch.tensor(prompts, device=device)
 
-        def ours():
+        def ours(pipe=pipe):
             out = pipe.generate_ids(prompts, modality="text", max_new_tokens=cfg.new_tokens, ignore_eos=True)
             assert all(len(t) == cfg.new_tokens for t in out.tokens)
             return out
@@ -201,7 +209,7 @@ def bench_preset(preset: str, cfg: BenchConfig, work: Path) -> tuple[list[dict],
         ours_s = best_seconds(ours, cfg.repeats)
         # Torch's intra-op threads spin, which is slow on busy shared cores: try each count, keep the best.
         theirs_s, best_threads = float("inf"), None
-        for threads in cfg.hf_threads if device == "cpu" else (0,):
+        for threads in (cfg.hf_threads if device == "cpu" else (0,)) if cfg.hf else ():
             torch.set_num_threads(threads or default_threads)
             seconds = best_seconds(theirs, cfg.repeats)
             if seconds < theirs_s:
@@ -211,6 +219,11 @@ def bench_preset(preset: str, cfg: BenchConfig, work: Path) -> tuple[list[dict],
         rows.append(dict(preset=preset, batch=batch, hf_device=device, new_tokens=cfg.new_tokens, ours_tokens_per_s=tokens / ours_s,
                          hf_tokens_per_s=tokens / theirs_s, speedup=theirs_s / ours_s, hf_threads=best_threads,
                          ours_first_call_s=first_call, max_prefill_logit_diff=diff))
+        if mesh_pipe is not None:
+            same = ours(mesh_pipe).tokens == ours().tokens  # greedy: the mesh must choose the same tokens
+            mesh_s = best_seconds(lambda: ours(mesh_pipe), cfg.repeats)
+            rows[-1].update(mesh=cfg.mesh, mesh_devices=mesh_pipe.mesh.size, mesh_tokens_per_s=tokens / mesh_s,
+                            mesh_over_one_device=ours_s / mesh_s, mesh_same_tokens=same)
         print_row(rows[-1])
     return rows, our_dir
 
@@ -244,10 +257,24 @@ def print_row(row: dict) -> None:
     print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
 
 
+def parse_mesh(text: str):
+    """'data=2 tensor=4' -> MeshConfig (unnamed in-slice sizes are 1)."""
+    from chameleon_jax.config import MeshConfig
+
+    return configlib.apply_overrides(MeshConfig(data=1, fsdp=1, tensor=1), text.replace(",", " ").split())
+
+
 def main(argv: list[str]) -> dict:
     cfg = configlib.apply_overrides(BenchConfig(), argv)
     import jax
     import torch
+
+    if cfg.mesh:
+        sizes = parse_mesh(cfg.mesh)
+        need = sizes.data * sizes.fsdp * sizes.tensor
+        if jax.device_count() < need:
+            raise configlib.ConfigError(f"mesh={cfg.mesh!r} needs {need} devices, jax sees {jax.device_count()} "
+                                        f"(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count={need})")
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} "
           f"on {hf_device(cfg.hf_device)} with {torch.get_num_threads()} threads", flush=True)
@@ -274,8 +301,17 @@ def print_tables(results: dict) -> None:
     print("\ntext decoding, greedy (tokens/s; best of the timed runs)")
     print(f"{'preset':<8}{'batch':>6}{'ours':>12}{'HF':>12}{'HF thr':>8}{'ours/HF':>10}{'logit diff':>12}")
     for r in results["text"]:
-        print(f"{r['preset']:<8}{r['batch']:>6}{r['ours_tokens_per_s']:>12.1f}{r['hf_tokens_per_s']:>12.1f}{r['hf_threads']:>8}"
+        if not r["hf_tokens_per_s"]:  # hf=false
+            continue
+        print(f"{r['preset']:<8}{r['batch']:>6}{r['ours_tokens_per_s']:>12.1f}{r['hf_tokens_per_s']:>12.1f}{r['hf_threads']!s:>8}"
               f"{r['speedup']:>10.2f}{r['max_prefill_logit_diff']:>12.2e}")
+    meshed = [r for r in results["text"] if "mesh" in r]
+    if meshed:
+        print(f"\nours on a mesh against one device (tokens/s)")
+        print(f"{'preset':<8}{'batch':>6}{'mesh':>18}{'devices':>9}{'1 device':>12}{'mesh':>12}{'ratio':>8}{'same':>6}")
+        for r in meshed:
+            print(f"{r['preset']:<8}{r['batch']:>6}{r['mesh']:>18}{r['mesh_devices']:>9}{r['ours_tokens_per_s']:>12.1f}"
+                  f"{r['mesh_tokens_per_s']:>12.1f}{r['mesh_over_one_device']:>8.2f}{str(r['mesh_same_tokens']):>6}")
     if results["images"]:
         print("\nseconds per image (batch 1, sampled codes)")
         print(f"{'preset':<8}{'codes':>6}{'plain':>10}{'guided':>10}{'ratio':>8}")

@@ -1,4 +1,10 @@
-"""What every evaluation entry point shares: its config, loading a run's pipeline, JSON + table output."""
+"""What every evaluation entry point shares: its config, loading a run's pipeline, JSON + table output.
+
+Every entry point runs on a device mesh (`mesh.*`, the training fields and rules) and
+over several processes (`cluster.*`, as `train.lm`): each process generates its share
+of every batch, the outputs are gathered so every process scores the same results,
+and process 0 writes them.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from chameleon_jax.config import MeshConfig
 from chameleon_jax.configlib import param
+from chameleon_jax.generation.distributed import DistributedConfig, is_primary, maybe_initialize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +42,11 @@ class EvalConfig:
     )
     max_new_tokens: int = param(48, "generation budget for text answers and captions")
     data_dir: str = param("", "where the Shapes data set lives; empty = the default data directory")
+    mesh: MeshConfig = param(
+        MeshConfig(data=1, fsdp=1, tensor=1),
+        "device mesh and rules, as in training: the sizes name how many devices (data=1 alone: one device; "
+        "a -1 takes every device), e.g. mesh.data=-1 or mesh.tensor=8")
+    cluster: DistributedConfig = param(DistributedConfig(), "multi-process runs (jax.distributed), as in train.lm")
 
 
 def cli(name: str, evaluate, **defaults) -> None:
@@ -44,7 +57,10 @@ def cli(name: str, evaluate, **defaults) -> None:
 
     def go():
         cfg = configlib.apply_overrides(dataclasses.replace(EvalConfig(), **defaults), sys.argv[1:])
-        write_results(cfg.run_dir, name, evaluate(load_run_pipeline(cfg), cfg))
+        maybe_initialize(cfg.cluster)
+        results = evaluate(load_run_pipeline(cfg), cfg)
+        if is_primary():
+            write_results(cfg.run_dir, name, results)
 
     configlib.main_guard(go)
 
@@ -62,7 +78,7 @@ def resolve_model_dir(cfg: EvalConfig) -> Path:
 def load_run_pipeline(cfg: EvalConfig):
     from chameleon_jax.pipeline import load_pipeline
 
-    return load_pipeline(resolve_model_dir(cfg))
+    return load_pipeline(resolve_model_dir(cfg), mesh=cfg.mesh)
 
 
 def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -103,16 +119,38 @@ def format_table(title: str, results: Mapping[str, Any]) -> str:
 
 
 def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, **kwargs) -> list[list]:
-    """Runs `pipe.generate` over `prompts` in batches of `cfg.batch_size` with a progress bar."""
+    """Runs `pipe.generate` over `prompts` in batches of `cfg.batch_size` with a progress bar.
+
+    With several processes each generates its contiguous share of every batch (rows keep
+    their place in the batch, so the samples are the one-process ones) and every process
+    gets all the results.
+    """
+    import jax
     from tqdm import tqdm
 
+    from chameleon_jax.generation.placement import gather_token_lists
+
     results: list[list] = []
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, disable=not is_primary())
+    processes, index = jax.process_count(), jax.process_index()
     for i, chunk in enumerate(batched(list(prompts), cfg.batch_size)):
-        results.extend(pipe.generate(list(chunk), seed=cfg.seed + i, **kwargs))
+        per = -(-len(chunk) // processes)
+        mine = list(range(index * per, min(len(chunk), (index + 1) * per)))
+        ids = [pipe.encode_prompt(chunk[j]) for j in mine]
+        out = pipe.generate_ids(ids, seed=cfg.seed + i, stream_ids=mine, **_with_default_budget(pipe, kwargs))
+        results.extend(pipe.segments_of_rows(gather_token_lists(out.tokens)))
         bar.update(len(chunk))
     bar.close()
     return results
+
+
+def _with_default_budget(pipe, kwargs: dict) -> dict:
+    from chameleon_jax.pipeline import default_max_new_tokens
+
+    if kwargs.get("max_new_tokens") is None:
+        kwargs = {**kwargs, "max_new_tokens": default_max_new_tokens(kwargs.get("modality", "text"),
+                                                                     pipe.codes_per_image)}
+    return kwargs
 
 
 def accuracy_by_objects(name: str, right: Sequence[bool], num_objects: Sequence[int]) -> dict[str, float]:
@@ -141,9 +179,10 @@ def save_png(run_dir: str | os.PathLike, rel_path: str, image) -> str:
     """Saves a uint8 [H, W, 3] image under the run directory; returns the path relative to it."""
     from PIL import Image
 
-    path = Path(run_dir) / rel_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+    if is_primary():  # one process writes
+        path = Path(run_dir) / rel_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
     return rel_path
 
 

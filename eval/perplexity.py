@@ -6,6 +6,8 @@ rows of the model's context and scored with teacher forcing. Only target
 tokens count (prompts carry no weight), as in the training loss.
 
 `python -m eval.perplexity run_dir=runs/demo` writes `<run_dir>/eval/perplexity.json`.
+On a mesh (`mesh.*`) the rows are split over the data axes like a training batch
+(every process builds the same rows and places the ones its devices hold).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import numpy as np
 from flax import nnx
 
 from chameleon_jax.data import shapes
+from chameleon_jax.generation.placement import Placement, fetch
 from chameleon_jax.losses import lm_loss_sums
 from chameleon_jax.sequence import SequenceConfig, encode_document, fit_to_row, pack
+from chameleon_jax.sharding import use_mesh
 from eval import common
 
 
@@ -43,21 +47,32 @@ def evaluate(pipe, cfg: common.EvalConfig) -> dict:
     batch = pack(pieces, seq_len, vocab.pad_id)
 
     graphdef, state = nnx.split(model)
+    placement = None if getattr(pipe, "mesh", None) is None else Placement.of(pipe.mesh, pipe.rules)
+    batch_size = cfg.batch_size
+    if placement is not None:  # whole rows per data shard
+        batch_size = placement.row_shards * -(-batch_size // placement.row_shards)
 
-    @jax.jit
-    def sums(state, rows):
+    def loss_sums(state, rows):
         logits = nnx.merge(graphdef, state)(rows["tokens"], rows["positions"], rows["segment_ids"])
         return lm_loss_sums(logits, rows["targets"], rows["loss_weights"], rows["modality"], 0.0)
 
+    sums = jax.jit(loss_sums)
     total: dict[str, float] = {}
     n_rows = batch["tokens"].shape[0]
-    for i in range(0, n_rows, cfg.batch_size):
-        rows = {k: v[i : i + cfg.batch_size] for k, v in batch.items()}
-        pad = cfg.batch_size - rows["tokens"].shape[0]
+    for i in range(0, n_rows, batch_size):
+        rows = {k: v[i : i + batch_size] for k, v in batch.items()}
+        pad = batch_size - rows["tokens"].shape[0]
         if pad:  # keep one compiled shape: padding rows carry zero weight
             rows = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
-        for k, v in sums(state, rows).items():
-            total[k] = total.get(k, 0.0) + float(v)
+        if placement is not None:
+            rows = {k: jax.make_array_from_callback(v.shape, placement.rows(v.shape), lambda idx, v=v: v[idx])
+                    for k, v in rows.items()}
+            with use_mesh(placement.mesh, placement.rules):  # the model's activation constraints apply
+                out = sums(state, rows)
+        else:
+            out = sums(state, rows)
+        for k, v in out.items():
+            total[k] = total.get(k, 0.0) + float(fetch(v))
     text_nll = total["text_ce_sum"] / max(total["text_weight_sum"], 1e-9)
     image_nll = total["image_ce_sum"] / max(total["image_weight_sum"], 1e-9)
     return {

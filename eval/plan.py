@@ -633,6 +633,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also compile the real train step on local (fake CPU) devices and print XLA's memory analysis")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--brief", action="store_true", help="leave out the per-parameter and per-tensor tables")
+    p.add_argument("--mode", choices=["train", "generate"], default="train",
+                   help="plan a train step, or generation (eval.plan_generate: --context, --prompt-len, --guidance)")
+    p.add_argument("--context", type=int, default=None, help="generate: KV cache length (default: max_seq_len)")
+    p.add_argument("--prompt-len", type=int, default=None, help="generate: prompt tokens prefilled (default: context/2)")
+    p.add_argument("--guidance", choices=["none", "two", "three"], default="none",
+                   help="generate: classifier-free guidance streams per prompt")
     return p
 
 
@@ -657,6 +663,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise configlib.ConfigError(str(e.args[0])) from None
     cfg = resolve_model(args)
     mesh_cfg = parse_mesh(args.mesh)
+    if args.mode == "generate":
+        from eval import plan_generate
+
+        return plan_generate.main(args, cfg, mesh_cfg)
     seq = args.seq or cfg.max_seq_len
     if args.compile and "jax" not in sys.modules:
         need = math.prod(mesh_sizes(mesh_cfg, args.devices).values())

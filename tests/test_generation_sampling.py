@@ -74,9 +74,9 @@ def test_guidance_arithmetic():
     rng = np.random.default_rng(0)
     f, u, i = (rng.normal(size=(2, 5)).astype(np.float32) for _ in range(3))
     scales = jnp.asarray([2.5, 1.2, 3.0])
-    np.testing.assert_allclose(combine(jnp.asarray(np.concatenate([f, u])), scales, form="two"), u + 2.5 * (f - u),
-                               rtol=1e-6)
-    np.testing.assert_allclose(combine(jnp.asarray(np.concatenate([f, u, i])), scales, form="three"),
+    rows = lambda *streams: jnp.asarray(np.stack(streams, axis=1).reshape(-1, 5))  # a prompt's streams adjacent
+    np.testing.assert_allclose(combine(rows(f, u), scales, form="two"), u + 2.5 * (f - u), rtol=1e-6)
+    np.testing.assert_allclose(combine(rows(f, u, i), scales, form="three"),
                                u + 1.2 * (i - u) + 3.0 * (f - i), rtol=1e-5, atol=1e-6)
 
 

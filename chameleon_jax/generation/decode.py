@@ -35,6 +35,7 @@ from flax import nnx
 
 from chameleon_jax.generation import guidance as guidance_lib
 from chameleon_jax.generation import modes
+from chameleon_jax.generation import placement as placement_lib
 from chameleon_jax.generation import sampling
 from chameleon_jax.generation.guidance import Guidance
 from chameleon_jax.generation.sampling import SamplingParams
@@ -66,6 +67,7 @@ class DecodeParams(NamedTuple):
     image_top_k: jax.Array
     image_top_p: jax.Array
     guidance_scales: jax.Array  # float32 [3]: (s, s_img, s_txt)
+    row_ids_b: jax.Array | None = None  # int32 [B]: each row's random stream (default: its index)
 
 
 @dataclasses.dataclass
@@ -172,7 +174,7 @@ def pad_prompts(rows: Sequence[Sequence[int]], padded_len: int, pad_id: int) -> 
 
 def _choose(logits_rv, row_state, step, key, params, tables, spec, batch):
     """Guidance, modes and sampling for one step. Returns (tokens [B], new state, pre-mask logits [B, V])."""
-    cond_bv = logits_rv[:batch]
+    cond_bv = guidance_lib.conditional_rows(logits_rv, guidance_lib.FORMS.index(spec.form) + 1)
     is_image_b = row_state.mode_b == modes.IMAGE
     if spec.form != "none":
         guided_bv = guidance_lib.combine(logits_rv, params.guidance_scales, form=spec.form)
@@ -189,7 +191,7 @@ def _choose(logits_rv, row_state, step, key, params, tables, spec, batch):
         use_top_k=spec.use_top_k, use_top_p=spec.use_top_p,
     )
     if spec.use_sampling:
-        row_ids_b = jnp.arange(batch, dtype=jnp.int32)
+        row_ids_b = jnp.arange(batch, dtype=jnp.int32) if params.row_ids_b is None else params.row_ids_b
         token_b = sampling.choose_tokens(jax.random.fold_in(key, step), row_ids_b, filtered_bv, temperature_b)
     else:
         token_b = sampling.first_argmax(filtered_bv)
@@ -255,7 +257,7 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
     logits_bnv = jnp.zeros([batch, limit if spec.return_logits else 0, vocab], jnp.float32)
     if spec.return_logits:
         logits_bnv = logits_bnv.at[:, 0].set(logits_bv)
-    is_guide_r = jnp.arange(rows) >= batch
+    is_guide_r = guidance_lib.guidance_row_mask(rows, streams)
     first_r = jnp.where(is_guide_r, cache_len, padded).astype(jnp.int32)
 
     def keep_going(c: _Carry):
@@ -263,7 +265,7 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
 
     def step_fn(c: _Carry) -> _Carry:
         write = padded + c.step - 1  # the slot of the token being fed
-        token_r = jnp.tile(c.token_b, streams)
+        token_r = guidance_lib.to_rows(c.token_b, streams)
         # A guidance row that is fed <boi> forgets everything generated before it.
         first_r = jnp.where(is_guide_r & (token_r == tables.boi_id), write, c.first_r)
         visible_rs = base_mask_rs | ((slots_s[None] >= first_r[:, None]) & (slots_s[None] <= write))
@@ -271,7 +273,7 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
         index_r1 = None
         if positioned:  # guidance rows feed the same token at the same index as their own row
             index_b = modes.code_index(c.row_state, c.token_b, tables, codes_per_image=spec.codes_per_image)
-            index_r1 = jnp.tile(index_b, streams)[:, None]
+            index_r1 = guidance_lib.to_rows(index_b, streams)[:, None]
         logits_r1v, cache = run_model(token_r[:, None], pos_r[:, None], c.cache, write, visible_rs, index_r1)
         token_b, row_state, logits_bv = _choose(logits_r1v[:, 0], c.row_state, c.step, key, params, tables,
                                                 spec, batch)
@@ -305,6 +307,9 @@ def generate_tokens(
     stop_at_eot: bool = True,
     ignore_eos: bool = False,
     return_logits: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+    stream_ids: Sequence[int] | None = None,
 ) -> DecodeResult:
     """Generates continuations of token-id prompts with one compiled loop.
 
@@ -314,17 +319,31 @@ def generate_tokens(
     prompts: B lists of ids, each starting with `<bos>`, of any lengths.
     codes_per_image: the image tokenizer's code count (0: images are never
     opened). Same seed, same prompts, same settings -> same tokens.
+    mesh, rules: run on a device mesh with the training rules table (default
+    `MeshConfig().rules`); the model's parameters must already be placed on it
+    (`sharding.place_model`). See `placement.py` for the layout and for several
+    processes, where each passes its own prompts and gets their outputs back.
+    The tokens are the ones one device would choose.
+    stream_ids: each prompt's random stream under `seed` (default: its index in the
+    batch, counted over all processes); a prompt's samples depend on its own id only.
     """
     if modality not in modes.MODALITIES:
         raise ValueError(f"modality must be one of {modes.MODALITIES}, got {modality!r}")
-    if not prompts:
+    if not prompts and mesh is None:  # on a mesh, a process may have no prompts of its own
         raise ValueError("no prompts given")
+    if stream_ids is not None and len(stream_ids) != len(prompts):
+        raise ValueError(f"{len(stream_ids)} stream_ids for {len(prompts)} prompts")
     if modality == "text" or codes_per_image <= 0:
         guidance = Guidance()  # guidance only touches image tokens
+    lengths, batch = [len(p) for p in prompts], None
+    if mesh is not None:
+        placement = placement_lib.Placement.of(mesh, rules)
+        batch = placement_lib.local_batch(prompts, placement, vocab.bos_id, stream_ids)
+        prompts, lengths = batch.prompts, batch.all_lengths  # every process plans the same shapes
     rows = guidance_lib.stream_prompts(prompts, guidance, bos_id=vocab.bos_id, boi_id=vocab.boi_id,
                                        eoi_id=vocab.eoi_id)
     padded, limit = plan_lengths(
-        [len(p) for p in prompts], max_new_tokens=max_new_tokens, context=model_context(model),
+        lengths, max_new_tokens=max_new_tokens, context=model_context(model),
         modality=modality, codes_per_image=codes_per_image,
     )
     tokens_rp, mask_rp = pad_prompts(rows, padded, vocab.pad_id)
@@ -334,16 +353,23 @@ def generate_tokens(
     params = DecodeParams(
         f32(text.temperature), i32(text.top_k), f32(text.top_p),
         f32(image.temperature), i32(image.top_k), f32(image.top_p), guidance.scales(),
+        None if stream_ids is None else jnp.asarray(stream_ids, jnp.int32),
     )
     tables = modes.token_tables(vocab, model_vocab_size(model), stop_at_eot=stop_at_eot, ignore_eos=ignore_eos)
     graphdef, model_state, _ = model if isinstance(model, FrozenModel) else freeze(model)
-    out_bn, length_b, steps, logits_bnv = _decode_loop(
-        graphdef, model_state, tables, jnp.asarray(tokens_rp), jnp.asarray(mask_rp), params,
-        jax.random.key(seed), spec=spec,
-    )
+    if batch is not None:
+        out_bn, length_b, steps, logits_bnv = placement_lib.run_loop(
+            _decode_loop.__wrapped__, graphdef, model_state, tables, tokens_rp, mask_rp, params, seed, spec=spec,
+            placement=placement, batch=batch, streams=guidance.num_streams,
+        )
+    else:
+        out_bn, length_b, steps, logits_bnv = _decode_loop(
+            graphdef, model_state, tables, jnp.asarray(tokens_rp), jnp.asarray(mask_rp), params,
+            jax.random.key(seed), spec=spec,
+        )
     out_bn, length_b = np.asarray(out_bn), np.asarray(length_b)
     return DecodeResult(
-        tokens=[out_bn[b, : length_b[b]].tolist() for b in range(len(prompts))],
+        tokens=[out_bn[b, : length_b[b]].tolist() for b in range(len(out_bn))],
         steps=int(steps), prompt_len=padded, cache_len=padded + limit,
         logits=np.asarray(logits_bnv) if return_logits else None,
     )

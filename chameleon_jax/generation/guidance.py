@@ -1,11 +1,17 @@
 """Classifier-free guidance for image tokens, with the extra streams in the same batch.
 
-A guided call runs 2 or 3 streams of rows through one decode loop:
+A guided call runs 2 or 3 streams of rows through one decode loop. The rows of
+one prompt sit together (row `streams * b + s` is prompt b's stream s):
 
-  rows [0, B)      f: the full prompt (the conditional stream, which samples)
-  rows [B, 2B)     u: unconditional, context `<bos>` + the current image so far
-  rows [2B, 3B)    i: image-only (three-stream form), context `<bos>` + the
-                   prompt's images (text dropped) + the current image so far
+  stream 0   f: the full prompt (the conditional stream, which samples)
+  stream 1   u: unconditional, context `<bos>` + the current image so far
+  stream 2   i: image-only (three-stream form), context `<bos>` + the
+             prompt's images (text dropped) + the current image so far
+
+Keeping a prompt's streams adjacent means that when the rows are split over the
+data axes of a device mesh (whole prompts per device), the guidance rows live on
+the device of their conditional row: combining the logits needs no communication,
+and each process of a multi-process run feeds one contiguous block of rows.
 
 Every stream is fed the tokens the conditional stream chose. The guidance
 streams keep their prompt in the KV cache and see generated tokens only from
@@ -72,18 +78,33 @@ def resolve_guidance(cfg_scale: float = 1.0, cfg_image_scale: float | None = Non
 def combine(logits_rv: jax.Array, scales: jax.Array, *, form: str) -> jax.Array:
     """Guided image logits for the B conditional rows from all R = streams * B rows.
 
-    logits_rv: float32 [R, V] in the stream layout above; scales: float32 [3].
+    logits_rv: float32 [R, V] in the row layout above; scales: float32 [3].
     Returns float32 [B, V]. With form "none" this is the conditional logits.
     """
     if form == "none":
         return logits_rv
     streams = FORMS.index(form) + 1
-    by_stream = logits_rv.reshape(streams, -1, logits_rv.shape[-1])
-    full, uncond = by_stream[0], by_stream[1]
+    by_stream = logits_rv.reshape(-1, streams, logits_rv.shape[-1])
+    full, uncond = by_stream[:, 0], by_stream[:, 1]
     if form == "two":
         return uncond + scales[0] * (full - uncond)
-    image_only = by_stream[2]
+    image_only = by_stream[:, 2]
     return uncond + scales[1] * (image_only - uncond) + scales[2] * (full - image_only)
+
+
+def conditional_rows(x_r: jax.Array, streams: int) -> jax.Array:
+    """The B conditional rows (stream 0) of an array over all R = streams * B rows."""
+    return x_r.reshape(-1, streams, *x_r.shape[1:])[:, 0]
+
+
+def to_rows(x_b: jax.Array, streams: int) -> jax.Array:
+    """Per-prompt values [B, ...] repeated for each of the prompt's streams: [R, ...]."""
+    return jnp.repeat(x_b, streams, axis=0)
+
+
+def guidance_row_mask(rows: int, streams: int) -> jax.Array:
+    """bool [R]: True on the guidance rows (every stream but the conditional one)."""
+    return jnp.arange(rows) % streams != 0
 
 
 def image_only_prompt(prompt_ids: Sequence[int], *, bos_id: int, boi_id: int, eoi_id: int) -> list[int]:
@@ -103,10 +124,12 @@ def image_only_prompt(prompt_ids: Sequence[int], *, bos_id: int, boi_id: int, eo
 
 def stream_prompts(prompts: Sequence[Sequence[int]], guidance: Guidance, *, bos_id: int, boi_id: int,
                    eoi_id: int) -> list[list[int]]:
-    """All rows' prompts in stream order: the B prompts, then each guidance stream's B prompts."""
-    rows = [list(p) for p in prompts]
-    if guidance.num_streams >= 2:
-        rows += [[bos_id] for _ in prompts]
-    if guidance.num_streams >= 3:
-        rows += [image_only_prompt(p, bos_id=bos_id, boi_id=boi_id, eoi_id=eoi_id) for p in prompts]
+    """All rows' prompts in the row layout: each prompt followed by its guidance streams' prompts."""
+    rows = []
+    for p in prompts:
+        rows.append(list(p))
+        if guidance.num_streams >= 2:
+            rows.append([bos_id])
+        if guidance.num_streams >= 3:
+            rows.append(image_only_prompt(p, bos_id=bos_id, boi_id=boi_id, eoi_id=eoi_id))
     return rows

@@ -12,7 +12,6 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from chameleon_jax.checkpoint import save_model  # noqa: E402
@@ -36,26 +35,42 @@ def vq_config():
                     codebook_size=32)
 
 
-def random_model(cfg: ModelConfig, seed: int) -> Transformer:
-    """A random model whose norms are not the identity, so a misplaced norm tensor shows in the logits."""
-    model = Transformer(cfg, rngs=nnx.Rngs(seed))
-    keys = iter(jax.random.split(jax.random.key(seed + 1), 256))
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+def random_params(module_fn, seed: int):
+    """The module built by `module_fn`, with random numpy values (nothing compiled): norms
+    that are not the identity, so a misplaced norm tensor shows in the outputs."""
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(nnx.eval_shape(module_fn))
+    for path, var in nnx.to_flat_state(state):
         name = str(path[-1])
-        noise = jax.random.normal(next(keys), var.shape, var.dtype)
+        noise = rng.standard_normal(var.shape).astype(np.float32)
         if name.startswith("scale"):
             var.set_value(1.0 + 0.3 * noise)
-        elif name.startswith("bias"):
+        elif name.startswith(("bias", "codebook")):
             var.set_value(0.3 * noise)
+        elif name == "ema_count":
+            var.set_value(np.ones(var.shape, np.float32))
         else:
-            var.set_value(0.25 * noise)
+            var.set_value(noise / np.sqrt(np.prod(var.shape[:-1])))  # fan-in scaled
+    return nnx.merge(graphdef, state)
+
+
+def random_model(cfg: ModelConfig, seed: int) -> Transformer:
+    return random_params(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), seed)
+
+
+def random_vq(cfg, seed: int):
+    from vqvae.model import VQModel
+
+    model = random_params(lambda: VQModel(cfg, rngs=nnx.Rngs(0)), seed)
+    if cfg.quantizer == "l2_ema":
+        cb = model.quantize.codebook[...]
+        model.quantize.codebook.set_value(cb / np.linalg.norm(cb, axis=1, keepdims=True))
     return model
 
 
 @pytest.fixture(scope="module", params=[("shared", True, False), ("per_head", False, True)],
                 ids=["shared-qknorm-scan", "per-head-qknorm-swin"])
 def exported(request, tmp_path_factory):
-    from vqvae.model import create_model
     from vqvae.tokenizer import save_tokenizer
 
     qk_norm, scan, swin = request.param
@@ -66,7 +81,7 @@ def exported(request, tmp_path_factory):
                       head_dim=8, ffn_dim=64, max_seq_len=64, qk_norm=qk_norm, swin_norm=swin, scan_layers=scan)
     model = random_model(cfg, seed=3)
     save_model(src, model, cfg)
-    save_tokenizer(create_model(vq_config(), seed=4), src / "tokenizer")
+    save_tokenizer(random_vq(vq_config(), seed=4), src / "tokenizer")
     assert convert_main(["export-hf", str(src), str(root / "hf")]) == 0
     return model, vocab, src, root / "hf"
 
@@ -143,11 +158,10 @@ def test_l2_codebook_exports_as_a_plain_one(tmp_path):
 
     import vqvae
     from vqvae.convert import export_taming
-    from vqvae.model import create_model
     from vqvae.tokenizer import save_tokenizer
 
     cfg = dataclasses.replace(vq_config(), quantizer="l2_ema")
-    save_tokenizer(create_model(cfg, seed=5), tmp_path / "l2")
+    save_tokenizer(random_vq(cfg, seed=5), tmp_path / "l2")
     export_taming(tmp_path / "l2", tmp_path / "l2.safetensors")
     from vqvae.convert import convert_taming
 
@@ -183,7 +197,7 @@ def test_hf_import_then_export_gives_back_the_same_tensors(tmp_path):
 def test_export_refuses_what_hugging_face_cannot_express(tmp_path, capsys):
     cfg = ModelConfig(vocab_size=64, hidden_dim=32, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=8,
                       ffn_dim=64, qk_norm="none", image_positions=4, boi_id=1, eoi_id=2)
-    save_model(tmp_path / "m", Transformer(cfg, rngs=nnx.Rngs(0)), cfg)
+    save_model(tmp_path / "m", random_model(cfg, 0), cfg)
     assert convert_main(["export-hf", str(tmp_path / "m"), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "qk_norm='none'" in err and "image_positions=4" in err

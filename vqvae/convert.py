@@ -383,17 +383,20 @@ def convert_hf(src: str | Path, dst: str | Path, overrides: list[str] = ()) -> P
 
 
 def export_taming(src: str | Path, dst: str | Path) -> Path:
-    """Tokenizer directory -> one taming-layout VQGAN file (encoder, codebook and decoder).
-
-    `.safetensors` writes a safetensors file; any other suffix (`.ckpt`, `.pt`, `.pth`) a torch
-    checkpoint `{"state_dict": ...}`, as taming-transformers and Meta's Chameleon read it.
-    """
+    """Tokenizer directory -> one taming-layout VQGAN file (encoder, codebook and decoder); see `write_taming`."""
     from vqvae.tokenizer import load_tokenizer
 
     tok = load_tokenizer(src)
     if not tok.can_decode:
         raise ConversionError(f"{src} has no decoder: a taming VQGAN file holds the whole model")
-    sd = to_taming_state_dict(tok.model)
+    return write_taming(tok.model, dst)
+
+
+def write_taming(model, dst: str | Path) -> Path:
+    """`model` as a taming-layout file: `.safetensors` writes a safetensors file; any other
+    suffix (`.ckpt`, `.pt`, `.pth`) a torch checkpoint `{"state_dict": ...}`, as
+    taming-transformers and Meta's Chameleon read it."""
+    sd = to_taming_state_dict(model)
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.suffix == ".safetensors":
@@ -403,7 +406,7 @@ def export_taming(src: str | Path, dst: str | Path) -> Path:
     except ImportError:
         raise ConversionError(f"writing {dst.name} needs PyTorch; name the file *.safetensors instead") from None
     tmp = dst.with_name(dst.name + ".tmp")
-    torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}}, tmp)
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, tmp)
     tmp.replace(dst)
     return dst
 

@@ -263,9 +263,9 @@ def export_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str = "a
     try:
         _write(tmp, cfg, tensors, names, vocab, tokenizer_json, vq_config, image_tok, dtype)
         if taming:
-            from vqvae.convert import export_taming
+            from vqvae.convert import write_taming
 
-            export_taming(src / "tokenizer", tmp / "vqgan.ckpt")
+            write_taming(image_tok.model, tmp / "vqgan.ckpt")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from chameleon_jax.configlib import ConfigError, param
+from vqvae.configlib import ConfigError, param
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from chameleon_jax import configlib
+from vqvae import configlib
 from vqvae.config import VQConfig
 
 

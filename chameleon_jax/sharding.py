@@ -159,10 +159,6 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
         _ACTIVE.reset(token)
 
 
-def active_mesh() -> tuple[Mesh, Rules] | None:
-    return _ACTIVE.get()
-
-
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op when no mesh is active."""
     active = _ACTIVE.get()

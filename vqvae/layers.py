@@ -162,10 +162,8 @@ class PatchEncoder(nnx.Module):
     patch always gets the same code whatever else is in the picture (plain
     background is one code everywhere), unlike the conv encoder, whose GroupNorm,
     mid attention and receptive field let every code depend on the whole picture.
-    The decoder keeps its full spatial context. It trains about 1.5x faster than
-    the `shapes` conv encoder (124 against 85 pictures/s); on Shapes it reached 36.1 dB but a lower judge
-    accuracy (97.8%) and codebook usage (80%), and a 400-step language-model run on
-    its codes read pictures no better than one on the conv encoder's.
+    The decoder keeps its full spatial context. It trains faster than the conv
+    encoder (docs/experiments.md compares the two).
     """
 
     def __init__(self, cfg: VQConfig, rngs: nnx.Rngs):

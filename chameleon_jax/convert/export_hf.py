@@ -111,8 +111,12 @@ def hf_config(cfg: ModelConfig, vocab_map: dict[str, int], specials: dict[str, i
         "vocabulary_map": vocab_map,
         "dtype": dtype,
     }
-    if vq_config is not None:
-        out["vq_config"] = vq_config
+    # Without an exported image tokenizer HF still builds one (randomly initialised, reported
+    # missing when loading): the smallest it allows, rather than its 512 px default.
+    out["vq_config"] = vq_config if vq_config is not None else {
+        "model_type": "chameleon_vqgan", "embed_dim": 32, "num_embeddings": 32,
+        "latent_channels": 32, "resolution": 32, "base_channels": 32, "channel_multiplier": [1],
+        "num_res_blocks": 1, "attn_resolutions": [], "attn_type": "none"}
     return out
 
 

@@ -83,7 +83,8 @@ def _chameleon_7b() -> ModelConfig:
 def _chameleon_34b() -> ModelConfig:
     return ModelConfig(
         vocab_size=65536, hidden_dim=8192, num_layers=48, num_heads=64, num_kv_heads=8, head_dim=128,
-        ffn_dim=22016, max_seq_len=4096, qk_norm="shared", swin_norm=True, dropout=0.1,
+        # The release was saved over several model-parallel ranks, each with its own QK-norm for its heads.
+        ffn_dim=22016, max_seq_len=4096, qk_norm="per_head", swin_norm=True, dropout=0.1,
         dtype="bfloat16", scan_layers=True, remat_policy="save_dots",
     )
 

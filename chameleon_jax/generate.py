@@ -31,6 +31,7 @@ from chameleon_jax import configlib
 from chameleon_jax.config import MeshConfig
 from chameleon_jax.configlib import ConfigError, param
 from chameleon_jax.generation.distributed import DistributedConfig, is_primary, maybe_initialize
+from vqvae.viz import save_png
 
 IMAGE_MARK = "<image>"
 
@@ -95,12 +96,6 @@ def build_prompt(text: str, images: list[np.ndarray]) -> list:
         if i < len(images):
             segments.append(images[i])
     return segments
-
-
-def save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.asarray(image, np.uint8)).save(path)
 
 
 def write_page(out: Path, prompt: list, results: list[list], meta: dict, fmt: str) -> list[Path]:

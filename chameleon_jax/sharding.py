@@ -161,10 +161,6 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
         _ACTIVE.reset(token)
 
 
-def active_mesh() -> tuple[Mesh, Rules] | None:
-    return _ACTIVE.get()
-
-
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op when no mesh is active."""
     active = _ACTIVE.get()
@@ -204,13 +200,12 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def create_sharded_model(cfg, mesh: Mesh, rules: Rules, seed: int = 0):
-    """A `Transformer` whose parameters are born sharded (jitted init with out_shardings)."""
-    from chameleon_jax.transformer import Transformer
+def create_sharded(make, mesh: Mesh, rules: Rules):
+    """The module `make()` builds, its variables born sharded (jitted init with out_shardings).
 
-    def make():
-        return Transformer(cfg, rngs=nnx.Rngs(seed))
-
+    `make` constructs the module (e.g. `lambda: Transformer(cfg, rngs=nnx.Rngs(seed))`);
+    these helpers know logical axes, not any particular model.
+    """
     abstract = nnx.eval_shape(make)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = state_shardings(abstract_state, mesh, rules)

@@ -28,7 +28,7 @@ from chameleon_jax.config import ModelConfig
 from chameleon_jax.image_positions import ImagePositionEmbed, image_index
 from chameleon_jax.kv_cache import CACHE_AXES, STACKED_CACHE_AXES, KVCache
 from chameleon_jax.layers import DENSE_NAME, Embed, RMSNorm, SwiGLU, Unembed, dtype_of
-from chameleon_jax.sharding import constrain
+from chameleon_jax.sharding import constrain, create_sharded
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
@@ -290,6 +290,11 @@ def unstack_layers(model: "Transformer") -> "Transformer":
 
 
 # --------------------------------------------------------------------------- accounting
+
+
+def create_sharded_model(cfg: ModelConfig, mesh, rules, seed: int = 0) -> Transformer:
+    """A `Transformer` whose parameters are born sharded over `mesh` by the logical `rules`."""
+    return create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
 
 
 def count_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:

@@ -55,6 +55,11 @@ def chameleon_code_from_name(name: str) -> int:
     return int(digits)
 
 
+def chameleon_image_token_name(code: int) -> str:
+    """The inverse of `chameleon_code_from_name`: 10 -> "IMGIMGBAZ"."""
+    return CHAMELEON_IMAGE_PREFIX + "".join(chr(ord("A") + int(d)) for d in str(int(code))) + "Z"
+
+
 class _SentencePieceText:
     """Text pieces of an own vocabulary: sentencepiece id `i` is token id `offset + i`."""
 

@@ -177,12 +177,10 @@ def images_of(segments: Sequence[Any]) -> list:
 
 def save_png(run_dir: str | os.PathLike, rel_path: str, image) -> str:
     """Saves a uint8 [H, W, 3] image under the run directory; returns the path relative to it."""
-    from PIL import Image
+    from vqvae import viz
 
     if is_primary():  # one process writes
-        path = Path(run_dir) / rel_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
+        viz.save_png(image, Path(run_dir) / rel_path)
     return rel_path
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
 from eval import common
+from eval.report import HEADLINE
 from train import lm_config
 from train import vqvae as train_vqvae
 from train.metrics import update_headline
@@ -74,14 +75,6 @@ def _tiny() -> DemoConfig:
 
 
 PRESETS = {"demo": _demo, "tiny": _tiny}
-
-# The figures a reader looks at first (metrics.json holds many more).
-HEADLINE = (
-    "judge_accuracy_ground_truth", "vq_psnr_db", "vq_codebook_usage", "vq_judge_accuracy", "caption_exact_match",
-    "caption_cider_d", "vqa_accuracy", "t2i_judge_accuracy_seen", "t2i_judge_accuracy_heldout",
-    "t2i_judge_accuracy_seen_no_guidance", "interleaved_image_accuracy", "text_perplexity", "image_perplexity",
-)
-
 
 def _banner(name: str) -> float:
     print(f"\n=== {name} " + "=" * max(0, 60 - len(name)), flush=True)

@@ -169,8 +169,8 @@ def check_decode(cfg: ModelConfig, *, batches: Sequence[int], steps: int, cache_
     import jax.numpy as jnp
     from flax import nnx
 
-    from chameleon_jax.sharding import build_mesh, create_sharded_model
-    from chameleon_jax.transformer import count_params, unstack_layers
+    from chameleon_jax.sharding import build_mesh
+    from chameleon_jax.transformer import count_params, create_sharded_model, unstack_layers
 
     if context + steps > cache_len:
         raise configlib.ConfigError(f"context {context} + decode steps {steps} exceed the cache ({cache_len})")

@@ -17,6 +17,13 @@ from typing import Any
 
 from train.metrics import plot_curves
 
+# The figures a reader looks at first (metrics.json holds many more).
+HEADLINE = (
+    "judge_accuracy_ground_truth", "vq_psnr_db", "vq_codebook_usage", "vq_judge_accuracy", "caption_exact_match",
+    "caption_cider_d", "vqa_accuracy", "t2i_judge_accuracy_seen", "t2i_judge_accuracy_heldout",
+    "t2i_judge_accuracy_seen_no_guidance", "interleaved_image_accuracy", "text_perplexity", "image_perplexity",
+)
+
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
 h1{margin-bottom:0}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
@@ -80,8 +87,6 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     sections = [f"<h1>chameleon-jax run: {html.escape(run.name)}</h1>"]
     sections.append("<p>Generated parts are outlined or coloured blue.</p>")
     if metrics:
-        from eval.demo import HEADLINE
-
         top = {k: metrics[k] for k in HEADLINE if k in metrics}
         sections.append("<h2>Headline figures</h2>" + _metrics_table(top or metrics))
         if top:

@@ -15,13 +15,12 @@ from chameleon_jax.config import MeshConfig, ModelConfig
 from chameleon_jax.sharding import (
     build_mesh,
     constrain,
-    create_sharded_model,
     logical_to_spec,
     named_sharding,
     state_shardings,
     use_mesh,
 )
-from chameleon_jax.transformer import Transformer
+from chameleon_jax.transformer import Transformer, create_sharded_model
 
 RULES = MeshConfig().rules
 

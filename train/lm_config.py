@@ -70,8 +70,7 @@ def tiny() -> LMTrainConfig:
 
 def small() -> LMTrainConfig:
     """The `small` model on Shapes: minutes to an hour on a CPU."""
-    # Learned image-code positions (see chameleon_jax.image_positions): in the demo they took the
-    # eval loss from 0.589 to 0.545 at step 625 and from 0.397 to 0.378 at step 1250.
+    # Learned image-code positions (chameleon_jax.image_positions): each code knows its cell.
     cfg = LMTrainConfig(
         model=dataclasses.replace(MODEL_PRESETS["small"](), image_positions=-1),
         optim=OptimConfig(lr=1e-3, warmup_steps=100),
@@ -88,19 +87,11 @@ def small() -> LMTrainConfig:
 def demo() -> LMTrainConfig:
     """The end-to-end demo: the `small` model trained on Shapes after the VQ stage (pass vq_dir=...)."""
     cfg = small()
-    # Sized to fit the 30-minute demo on 2 CPU cores (about 0.95 s per step of 16 x 384 tokens
-    # with the chunked attention kernel and layers.dense; 1.25 s before dense).
-    # lr 3e-3 (with the FSQ tokenizer) reached eval loss 0.67 at step 400, where lr 1e-3 with the
-    # previous tokenizer was at 0.80 at step 500 (both changed at once). Interleaved
-    # documents are long and not among the headline goals: weight 0.25 leaves more rows to
-    # captioning, VQA and text-to-image. One-object pictures are right nearly every time after a
-    # few hundred steps, so t2i and VQA documents show two objects 85% of the time instead of
-    # 60% (two_object_share); captions keep the 60%: drawn at 85% too, the captioner named a
-    # second object in three of four one-object pictures.
-    # 100000 training pictures instead of 20000, and 10000 edit documents instead of 2000: with
-    # the smaller sets the model learnt the training pictures' codes (train image loss 0.37
-    # against 0.84 on validation at step 1250); with these, text to image went 0.87 -> 0.95.
-    # 1350 steps: the demo's 24 px tokenizer trains in about 3 minutes, 2.5 fewer than at 32 px.
+    # Sized to fit the demo's 30 minutes on 2 CPU cores. Interleaved documents are long and not
+    # among the headline goals, so they get a quarter of the weight; one-object pictures are easy,
+    # so t2i and VQA documents show two objects 85% of the time (captions keep 60%, or the
+    # captioner learns to name a second object that is not there); 100000 training pictures keep
+    # the model from learning the training pictures' codes by heart. docs/experiments.md has the runs.
     return dataclasses.replace(
         cfg, steps=1350, run_dir="runs/demo/lm", eval_interval=675, checkpoint_interval=675,
         optim=dataclasses.replace(cfg.optim, lr=3e-3, warmup_steps=50),

@@ -74,11 +74,3 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> "optax.GradientTransfo
         )
     )
     return optax.chain(*parts)
-
-
-def describe_decay(params) -> dict[str, bool]:
-    """`{path: takes_decay}` for every parameter (for logs and tests)."""
-    import jax
-
-    mask = decay_mask(params)
-    return {jax.tree_util.keystr(p): bool(v) for p, v in jax.tree_util.tree_leaves_with_path(mask)}

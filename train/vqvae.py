@@ -25,25 +25,9 @@ directory (train.run; docs/failures.md lists the failure modes and exit statuses
 Data parallel over every device: the batch is sharded over a 1-D ('data',) mesh,
 parameters and optimizer state are replicated, the step is jitted with donation.
 
-Why the `shapes` preset looks the way it does (each point from runs of equal cost on
-Shapes 64 px, scored by eval.vq on the 1000 test pictures):
-- 8x8 = 64 codes per picture, as the language model expects; 512 codes.
-- FSQ (levels 8, 8, 8) rather than the l2-normalised EMA codebook: both reached
-  about 35 dB, but with the EMA codebook (512 or 1024 codes) the judge misread
-  2.5-4% of reconstructions, nearly all small circles drawn with square corners.
-  Their patches differ from a small square's by a few corner pixels and are
-  rare per cell, so k-means-style codebook updates keep them merged with the
-  common look-alike; FSQ has no codebook to learn and gives them their own codes
-  as soon as the encoder separates them (judge 99.4%, 98.6% of codes used).
-  An 8192-code codebook could not reach 90% usage at all: the test split holds
-  only ~2k distinct 8x8 patches (~86% of all patches are plain background).
-- GroupNorm with at least 8 channels per group (model.norm_groups=2): with 1-2
-  channels per group the norms erase object colour (every object came out one
-  average colour for hundreds of steps).
-- l2 reconstruction loss: l1 and l1+l2 lost both PSNR and judge accuracy.
-- Batch 8 for 3000 steps beat batch 16 for 1500 at the same cost; the first 120
-  steps decode unquantized latents (quantize_warmup_steps) so the encoder learns
-  informative latents before codes are imposed.
+The `shapes` presets (FSQ 8x8x8 codes, GroupNorm of at least 8 channels a group,
+l2 reconstruction loss, a short unquantized warmup) and the comparisons behind them
+are in docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -143,29 +127,23 @@ def _shapes() -> VQTrainConfig:
         data=VQDataConfig(source="shapes"),
         optim=dataclasses.replace(VQTrainConfig().optim, lr=2e-3, warmup_steps=100, min_lr_ratio=0.05),
         steps=3000, batch_size=8, recon_loss="l2", quantize_warmup_steps=120,
-        # Checkpoints and sample grids every 1000 steps instead of 500: 294 s of training instead of 306-313 s.
+        # Checkpoints and sample grids cost seconds each: every 1000 steps keeps the run short.
         log_every=20, sample_every=1000, checkpoint_every=1000,
     )
 
 
 def _shapes32() -> VQTrainConfig:
-    """The demo's tokenizer: 32 px Shapes, 16 codes a picture.
+    """32 px Shapes, 16 codes a picture: twice the steps and batch of `shapes`, the same pixels per run.
 
-    Twice the steps and twice the batch of `shapes`, so the same pixels per run
-    (about 5 minutes on 2 cores). At 3000 steps of batch 8 the judge read 75% of
-    the reconstructions right, at 6000 of batch 8 93%, at 6000 of batch 16 98%: a
-    small object is 5 px here, and its shape is what is lost first.
+    A small object is 5 px wide here, and its shape is what an undertrained tokenizer loses first.
     """
     cfg = _shapes()
     return dataclasses.replace(cfg, model=VQ_PRESETS["shapes32"](), steps=6000, batch_size=16)
 
 
 def _shapes24() -> VQTrainConfig:
-    """A tokenizer of 9 codes a picture, one per cell of the layout (24 px Shapes).
-
-    The steps and batch of `shapes32`, about 3 minutes on 2 cores. At 3000 steps the
-    judge read 97.0% of the reconstructions right, at 6000 99.8%.
-    """
+    """The demo's tokenizer: 9 codes a picture, one per cell of the layout (24 px Shapes),
+    with the steps and batch of `shapes32`."""
     return dataclasses.replace(_shapes32(), model=VQ_PRESETS["shapes24"]())
 
 

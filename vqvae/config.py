@@ -6,7 +6,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from chameleon_jax.configlib import ConfigError, param
+from vqvae.configlib import ConfigError, param
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +99,12 @@ def _tiny() -> VQConfig:
 
 
 def _shapes() -> VQConfig:
-    """Shapes 64 px -> 8x8 = 64 codes of 512 (FSQ levels 8, 8, 8); see train/vqvae.py for the runs behind it.
+    """Shapes 64 px -> 8x8 = 64 codes of 512 (FSQ levels 8, 8, 8); docs/experiments.md has the runs behind it.
 
     Channels 16, 16, 32, 64 at 64, 32, 16, 8 px. GroupNorm with 2 groups, i.e. at
     least 8 channels per group: with 1-2 channels per group each norm rescales a
     channel by its own per-picture statistics, which erases which palette colour
-    a flat object has (runs with 8 groups drew every object in one average colour
-    for hundreds of steps).
+    a flat object has.
     """
     return VQConfig(
         image_size=64, base_channels=16, channel_mult=(1, 1, 2, 4), num_res_blocks=1, attn_resolutions=(),
@@ -128,7 +127,7 @@ def _shapes24() -> VQConfig:
 
     At 24 px the cells of the 3x3 layout are 8 px wide, so each code covers exactly one
     cell and an object never shares a code with another. At 32 px an object spans codes
-    that the object in a neighbouring cell also touches; the README's demo section has the figures.
+    that the object in a neighbouring cell also touches.
     """
     return dataclasses.replace(_shapes(), image_size=24)
 

@@ -1,7 +1,8 @@
-"""Import released VQGAN weights into a tokenizer directory.
+"""Import released VQGAN weights into a tokenizer directory, and export ours back.
 
     python -m vqvae.convert taming SRC DST [image_size=512 ...]
     python -m vqvae.convert hf SRC DST
+    python -m vqvae.convert export-taming TOKENIZER_DIR OUT.safetensors|OUT.ckpt
 
 taming: a taming-transformers / Chameleon state dict (`encoder.*`, `decoder.*`,
   `quantize.embedding.weight`, `quant_conv.*`, `post_quant_conv.*`; other keys such
@@ -18,7 +19,10 @@ hf: a Hugging Face directory (config.json + *.safetensors) of `ChameleonVQVAE` o
 Layout differences handled here: torch convolutions are OIHW and ours HWIO; GroupNorm
 `weight` is our `scale`; the taming codebook `quantize.embedding.weight` is our
 `quantize.codebook`. A tensor that is missing or has the wrong shape is an error
-naming it. Safetensors files are read by this module directly (memory-mapped, bf16
+naming it. The export inverts the same names and layouts (`to_taming_state_dict`,
+`to_hf_state_dict`, `hf_vq_config`); only tokenizers with the taming encoder and a
+codebook (vq, or l2_ema whose unit codes export as a plain codebook) have an
+equivalent there. Safetensors files are read and written by this module directly (memory-mapped, bf16
 included), so the hf path needs neither torch nor transformers.
 """
 
@@ -32,7 +36,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from chameleon_jax import configlib
+from vqvae import configlib
 from vqvae.config import VQConfig
 
 
@@ -72,6 +76,31 @@ def read_safetensors(path: str | Path, keep: Callable[[str], bool] = lambda name
         arr = arr.reshape(info["shape"])
         out[name] = arr.astype(np.float32) if arr.dtype.kind == "f" else np.array(arr)
     return out
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray]) -> Path:
+    """Writes float32/int numpy arrays as a .safetensors file (the inverse of `read_safetensors`)."""
+    names = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
+    header, offset, blobs = {}, 0, []
+    for name, value in tensors.items():
+        value = np.ascontiguousarray(value)
+        if value.dtype.name not in names:
+            raise ConversionError(f"cannot write tensor {name} of dtype {value.dtype} to safetensors")
+        blob = value.tobytes()
+        header[name] = {"dtype": names[value.dtype.name], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for blob in blobs:
+            f.write(blob)
+    tmp.replace(path)
+    return path
 
 
 def _read_torch(path: Path) -> dict[str, np.ndarray]:
@@ -128,21 +157,48 @@ def _to_ours(name: str, value: np.ndarray, want_shape: tuple) -> np.ndarray:
 
 
 def _to_torch(value: np.ndarray) -> np.ndarray:
-    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+    return np.ascontiguousarray(value.transpose(3, 2, 0, 1)) if value.ndim == 4 else value
 
 
 def _torch_shape(shape: tuple) -> tuple:
     return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape)
 
 
+def exportable(cfg: VQConfig, *, hf: bool = False) -> None:
+    """Raises ConversionError when a model of `cfg` has no taming (or, with hf, Hugging Face) equivalent."""
+    if cfg.encoder != "vqgan":
+        raise ConversionError(f"only the taming conv encoder exports; this tokenizer uses encoder={cfg.encoder!r}")
+    if cfg.quantizer == "fsq":
+        raise ConversionError("an FSQ tokenizer has no codebook to export: taming and Hugging Face VQGANs "
+                              "look codes up in a learned codebook (quantizer vq or l2_ema)")
+    if hf and (cfg.norm_groups, cfg.norm_eps) != (32, 1e-6):
+        raise ConversionError(f"Hugging Face's ChameleonVQVAE hard-codes GroupNorm(32, eps 1e-6); this tokenizer "
+                              f"uses {cfg.norm_groups} groups, eps {cfg.norm_eps}")
+    if hf and cfg.attn_resolutions and not cfg.mid_attention:
+        raise ConversionError("Hugging Face's ChameleonVQVAE has attention in the middle block whenever it has any")
+
+
 def to_taming_state_dict(model) -> dict[str, np.ndarray]:
-    """Our model's parameters in taming naming and torch layout (float32 numpy)."""
+    """Our model's parameters in taming naming and torch layout (float32 numpy).
+
+    An l2_ema codebook exports as a plain one: its rows are unit vectors, so the
+    nearest code by squared distance is the code of highest cosine, as in training.
+    """
     from flax import nnx
 
-    if model.cfg.quantizer != "vq":
-        raise ValueError(f"taming checkpoints hold a plain vq codebook; this model uses {model.cfg.quantizer!r}")
+    exportable(model.cfg)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {_our_name(path): _to_torch(np.asarray(var[...], np.float32)) for path, var in flat}
+    out = {_our_name(path): _to_torch(np.asarray(var[...], np.float32)) for path, var in flat}
+    if model.cfg.quantizer == "l2_ema":
+        out["quantize.embedding.weight"] = np.asarray(model.quantize.codebook[...], np.float32)
+    return out
+
+
+def to_hf_state_dict(model, prefix: str = "model.vqmodel.") -> dict[str, np.ndarray]:
+    """The encoder side (encoder, quant_conv, codebook, post_quant_conv) in Hugging Face's
+    `ChameleonVQVAE` naming, which is taming's; HF has no decoder."""
+    exportable(model.cfg, hf=True)
+    return {prefix + k: v for k, v in to_taming_state_dict(model).items() if not k.startswith("decoder.")}
 
 
 def load_into_model(cfg: VQConfig, state_dict: Mapping[str, np.ndarray]):
@@ -244,6 +300,18 @@ def hf_config(hf: Mapping[str, Any], has_decoder: bool) -> VQConfig:
     )
 
 
+def hf_vq_config(cfg: VQConfig) -> dict[str, Any]:
+    """The ChameleonVQVAEConfig dict of `cfg` (the inverse of `hf_config`)."""
+    exportable(cfg, hf=True)
+    return {
+        "model_type": "chameleon_vqgan", "embed_dim": cfg.embed_dim, "num_embeddings": cfg.codebook_size,
+        "double_latent": False, "latent_channels": cfg.z_channels, "resolution": cfg.image_size, "in_channels": 3,
+        "base_channels": cfg.base_channels, "channel_multiplier": list(cfg.channel_mult),
+        "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions),
+        "dropout": 0.0, "attn_type": "vanilla" if cfg.mid_attention else "none",
+    }
+
+
 def _strip_vq_prefix(names) -> dict[str, str]:
     """{our key: source key}: drops everything up to `vqmodel.` (whole-model checkpoints)."""
     out = {}
@@ -314,17 +382,52 @@ def convert_hf(src: str | Path, dst: str | Path, overrides: list[str] = ()) -> P
     return save_tokenizer(model, dst, source=f"hf:{Path(src).name}")
 
 
-USAGE = "usage: python -m vqvae.convert {taming,hf} SRC DST [model_key=value ...]"
+def export_taming(src: str | Path, dst: str | Path) -> Path:
+    """Tokenizer directory -> one taming-layout VQGAN file (encoder, codebook and decoder); see `write_taming`."""
+    from vqvae.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(src)
+    if not tok.can_decode:
+        raise ConversionError(f"{src} has no decoder: a taming VQGAN file holds the whole model")
+    return write_taming(tok.model, dst)
+
+
+def write_taming(model, dst: str | Path) -> Path:
+    """`model` as a taming-layout file: `.safetensors` writes a safetensors file; any other
+    suffix (`.ckpt`, `.pt`, `.pth`) a torch checkpoint `{"state_dict": ...}`, as
+    taming-transformers and Meta's Chameleon read it."""
+    sd = to_taming_state_dict(model)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.suffix == ".safetensors":
+        return write_safetensors(dst, sd)
+    try:
+        import torch
+    except ImportError:
+        raise ConversionError(f"writing {dst.name} needs PyTorch; name the file *.safetensors instead") from None
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, tmp)
+    tmp.replace(dst)
+    return dst
+
+
+USAGE = ("usage: python -m vqvae.convert {taming,hf} SRC DST [model_key=value ...]\n"
+         "       python -m vqvae.convert export-taming TOKENIZER_DIR OUT.{safetensors,ckpt}")
 
 
 def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
-    if len(args) < 3 or args[0] not in ("taming", "hf") or any(a in ("-h", "--help") for a in args):
+    if len(args) < 3 or args[0] not in ("taming", "hf", "export-taming") or any(a in ("-h", "--help") for a in args):
         print(USAGE, file=sys.stderr)
         raise SystemExit(2)
     kind, src, dst, overrides = args[0], args[1], args[2], args[3:]
 
     def go():
+        if kind == "export-taming":
+            if overrides:
+                raise ConversionError(f"export-taming takes no options, got {overrides}")
+            print(f"wrote {export_taming(src, dst)}")
+            return
         fn = convert_taming if kind == "taming" else convert_hf
         out = fn(src, dst, overrides)
         from vqvae.tokenizer import read_meta

@@ -6,7 +6,7 @@
 
 A tokenizer directory holds
 
-    config.json      the VQConfig (chameleon_jax.configlib JSON; unknown keys are errors)
+    config.json      the VQConfig (vqvae.configlib JSON; unknown keys are errors)
     params/          every model variable (parameters and EMA codebook state) as an orbax
                      StandardCheckpoint of the model's pure-dict state
     tokenizer.json   {"format": "chameleon-jax/vq-tokenizer", "version": 1, "source": ..., "step": ...,
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chameleon_jax import configlib
+from vqvae import configlib
 from vqvae.config import VQConfig
 from vqvae.model import VQModel, pixels_from_uint8, uint8_from_pixels
 

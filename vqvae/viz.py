@@ -1,22 +1,19 @@
-"""Image grids for reconstruction previews."""
+"""Image grids for reconstruction previews, and the one PNG writer."""
 
 from __future__ import annotations
 
 import os
 
+import einops
 import numpy as np
 
 
 def grid(rows: list[np.ndarray], pad: int = 2, fill: int = 255) -> np.ndarray:
     """Stacks rows of uint8 images [N, H, W, 3] (equal N) into one uint8 picture with `pad` px gaps."""
-    rows = [np.asarray(r, np.uint8) for r in rows]
-    n, h, w, c = rows[0].shape
-    out = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, c), fill, np.uint8)
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            y, x = pad + i * (h + pad), pad + j * (w + pad)
-            out[y : y + h, x : x + w] = img
-    return out
+    tiles_rnhwc = np.stack([np.asarray(r, np.uint8) for r in rows])
+    tiles_rnhwc = np.pad(tiles_rnhwc, ((0, 0), (0, 0), (0, pad), (0, pad), (0, 0)), constant_values=fill)
+    picture = einops.rearrange(tiles_rnhwc, "r n h w c -> (r h) (n w) c")
+    return np.pad(picture, ((pad, 0), (pad, 0), (0, 0)), constant_values=fill)
 
 
 def comparison_grid(originals, reconstructions, per_row: int = 8, scale: int = 2) -> np.ndarray:
@@ -33,6 +30,10 @@ def comparison_grid(originals, reconstructions, per_row: int = 8, scale: int = 2
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes a uint8 [H, W, 3] image as a PNG, creating the parent directories."""
+    from pathlib import Path
+
     from PIL import Image
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.asarray(image, np.uint8)).save(path)

@@ -1,7 +1,8 @@
-"""Import released Chameleon weights into a model directory.
+"""Import released Chameleon weights into a model directory, and export ours to Hugging Face.
 
     python -m chameleon_jax.convert hf   SRC DST   # Hugging Face ChameleonForConditionalGeneration
     python -m chameleon_jax.convert meta SRC DST   # Meta's release: consolidated*.pth + params.json
+    python -m chameleon_jax.convert export-hf SRC DST   # ours -> Hugging Face (see export_hf)
 
 Both write DST/config.json and DST/params/ (see `chameleon_jax.checkpoint`) and copy the
 checkpoint's text tokenizer to DST/chameleon_tokenizer.json, from which the vocabulary

@@ -1,4 +1,4 @@
-"""python -m chameleon_jax.convert {hf,meta} SRC DST [options]: import released weights."""
+"""python -m chameleon_jax.convert {hf,meta,export-hf} SRC DST [options]: import released weights, export ours."""
 
 from __future__ import annotations
 
@@ -27,8 +27,15 @@ def main(argv: list[str] | None = None) -> int:
         if name == "meta":
             p.add_argument("--tokenizer", default=None,
                            help="text_tokenizer.json to copy (default: looked for beside the checkpoint)")
+    p = sub.add_parser("export-hf", help="write a model directory as a Hugging Face Chameleon directory")
+    p.add_argument("src", help="model directory to read (config.json, params/, vocab/ or chameleon_tokenizer.json)")
+    p.add_argument("dst", help="new directory for config.json, model.safetensors and the tokenizer files")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="storage dtype of the written tensors (auto: the model's)")
     args = parser.parse_args(argv)
 
+    if args.format == "export-hf":
+        return _export(args)
     kwargs = dict(param_dtype=args.param_dtype, dtype=args.dtype, scan_layers=args.scan_layers)
     try:
         if args.format == "hf":
@@ -51,6 +58,21 @@ def main(argv: list[str] | None = None) -> int:
           f"params {cfg.param_dtype}")
     if not (Path(args.dst) / TOKENIZER_FILE).is_file():
         print(f"note: no tokenizer file found to copy; put it at {Path(args.dst) / TOKENIZER_FILE}", file=sys.stderr)
+    return 0
+
+
+def _export(args) -> int:
+    from chameleon_jax.checkpoint import CheckpointError
+    from chameleon_jax.convert.export_hf import export_hf
+    from chameleon_jax.vocab import VocabularyError
+
+    try:
+        summary = export_hf(args.src, args.dst, dtype=args.dtype)
+    except (ConversionError, CheckpointError, VocabularyError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dst}: {summary['tensors']} tensors in {summary['dtype']}, vocabulary of {summary['vocab']}, "
+          f"image tokenizer: {summary['image_tokenizer']}, taming VQGAN: {summary['vqgan']}")
     return 0
 
 

@@ -117,37 +117,49 @@ def config_from_hf(
     )
 
 
-def _layer_table(cfg: ModelConfig, i: int):
-    """(HF name, expected HF shape, our block key, HF -> ours) for block i."""
+def hf_to_ours(w: np.ndarray, transposed: bool, our_shape: tuple) -> np.ndarray:
+    """An HF tensor in our layout: torch Linear weights are [out, in]; ours are [in, ...out] split by head."""
+    return w.T.reshape(our_shape) if transposed else w
+
+
+def ours_to_hf(w: np.ndarray, transposed: bool, hf_shape: tuple) -> np.ndarray:
+    """The inverse of `hf_to_ours`."""
+    return np.ascontiguousarray(w.reshape(hf_shape[::-1]).T) if transposed else w.reshape(hf_shape)
+
+
+def layer_table(cfg: ModelConfig, i: int):
+    """(HF name, HF shape, our block key, our shape, transposed) for block i: the one name map
+    that both the import and the export (`chameleon_jax.convert.export_hf`) read."""
     d, n, k, h, f = cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
     p = f"model.layers.{i}."
     return [
-        (p + "self_attn.q_proj.weight", (n * h, d), ("attn", "wq_dnh"), lambda w: w.T.reshape(d, n, h)),
-        (p + "self_attn.k_proj.weight", (k * h, d), ("attn", "wk_dkh"), lambda w: w.T.reshape(d, k, h)),
-        (p + "self_attn.v_proj.weight", (k * h, d), ("attn", "wv_dkh"), lambda w: w.T.reshape(d, k, h)),
-        (p + "self_attn.o_proj.weight", (d, n * h), ("attn", "wo_nhd"), lambda w: w.T.reshape(n, h, d)),
-        (p + "self_attn.q_norm.weight", (n, h), ("attn", "q_norm", "scale_nh"), None),
-        (p + "self_attn.q_norm.bias", (n, h), ("attn", "q_norm", "bias_nh"), None),
-        (p + "self_attn.k_norm.weight", (k, h), ("attn", "k_norm", "scale_nh"), None),
-        (p + "self_attn.k_norm.bias", (k, h), ("attn", "k_norm", "bias_nh"), None),
-        (p + "mlp.gate_proj.weight", (f, d), ("mlp", "w1_df"), lambda w: w.T),
-        (p + "mlp.up_proj.weight", (f, d), ("mlp", "w3_df"), lambda w: w.T),
-        (p + "mlp.down_proj.weight", (d, f), ("mlp", "w2_fd"), lambda w: w.T),
-        (p + "input_layernorm.weight", (d,), ("attn_norm", "scale_d"), None),
-        (p + "post_attention_layernorm.weight", (d,), ("ffn_norm", "scale_d"), None),
+        (p + "self_attn.q_proj.weight", (n * h, d), ("attn", "wq_dnh"), (d, n, h), True),
+        (p + "self_attn.k_proj.weight", (k * h, d), ("attn", "wk_dkh"), (d, k, h), True),
+        (p + "self_attn.v_proj.weight", (k * h, d), ("attn", "wv_dkh"), (d, k, h), True),
+        (p + "self_attn.o_proj.weight", (d, n * h), ("attn", "wo_nhd"), (n, h, d), True),
+        (p + "self_attn.q_norm.weight", (n, h), ("attn", "q_norm", "scale_nh"), (n, h), False),
+        (p + "self_attn.q_norm.bias", (n, h), ("attn", "q_norm", "bias_nh"), (n, h), False),
+        (p + "self_attn.k_norm.weight", (k, h), ("attn", "k_norm", "scale_nh"), (k, h), False),
+        (p + "self_attn.k_norm.bias", (k, h), ("attn", "k_norm", "bias_nh"), (k, h), False),
+        (p + "mlp.gate_proj.weight", (f, d), ("mlp", "w1_df"), (d, f), True),
+        (p + "mlp.up_proj.weight", (f, d), ("mlp", "w3_df"), (d, f), True),
+        (p + "mlp.down_proj.weight", (d, f), ("mlp", "w2_fd"), (f, d), True),
+        (p + "input_layernorm.weight", (d,), ("attn_norm", "scale_d"), (d,), False),
+        (p + "post_attention_layernorm.weight", (d,), ("ffn_norm", "scale_d"), (d,), False),
     ]
 
 
-def _top_table(cfg: ModelConfig):
+def top_table(cfg: ModelConfig):
+    """(HF name, HF shape, our key, our shape, transposed) for the tensors outside the blocks."""
     d, v = cfg.hidden_dim, cfg.vocab_size
     return [
-        ("model.embed_tokens.weight", (v, d), ("embed", "embedding_vd"), None),
-        ("model.norm.weight", (d,), ("final_norm", "scale_d"), None),
-        ("lm_head.weight", (v, d), ("lm_head", "w_dv"), lambda w: w.T),
+        ("model.embed_tokens.weight", (v, d), ("embed", "embedding_vd"), (v, d), False),
+        ("model.norm.weight", (d,), ("final_norm", "scale_d"), (d,), False),
+        ("lm_head.weight", (v, d), ("lm_head", "w_dv"), (d, v), True),
     ]
 
 
-def _read(reader: SafetensorsReader, writer: ParamWriter, name: str, shape: tuple, transform):
+def _read(reader: SafetensorsReader, writer: ParamWriter, name: str, shape: tuple, transposed: bool, ours: tuple):
     if name not in reader:
         writer.problem(f"missing tensor {name} (expected shape {shape})")
         return None
@@ -155,8 +167,7 @@ def _read(reader: SafetensorsReader, writer: ParamWriter, name: str, shape: tupl
     if got != tuple(shape):
         writer.problem(f"tensor {name} has shape {got}, the config implies {tuple(shape)}")
         return None
-    w = reader.get(name)
-    return transform(w) if transform is not None else w
+    return hf_to_ours(reader.get(name), transposed, ours)
 
 
 def import_hf(
@@ -185,14 +196,14 @@ def import_hf(
         writer = ParamWriter(cfg)
         used = set()
         for i in range(cfg.num_layers):
-            for name, shape, key, fn in _layer_table(cfg, i):
+            for name, shape, key, ours, transposed in layer_table(cfg, i):
                 used.add(name)
-                value = _read(reader, writer, name, shape, fn)
+                value = _read(reader, writer, name, shape, transposed, ours)
                 if value is not None:
                     writer.put_layer(i, key, value, name)
-        for name, shape, key, fn in _top_table(cfg):
+        for name, shape, key, ours, transposed in top_table(cfg):
             used.add(name)
-            value = _read(reader, writer, name, shape, fn)
+            value = _read(reader, writer, name, shape, transposed, ours)
             if value is not None:
                 writer.put(key, value, name)
         params = writer.finish()

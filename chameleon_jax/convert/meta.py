@@ -104,7 +104,8 @@ def config_from_meta(
         max_seq_len=params.get("max_seq_len", 4096),
         rope_theta=float(params.get("rope_theta", 10_000.0)),
         norm_eps=float(params.get("norm_eps", 1e-5)),
-        qk_norm=qk_norm if params.get("qk_normalization", True) else "none",
+        # Meta's ModelArgs default qk_normalization to false: a params.json without the key has no QK-norm.
+        qk_norm=qk_norm if params.get("qk_normalization", False) else "none",
         swin_norm=bool(params.get("swin_norm", False)),
         param_dtype=param_dtype,
         dtype=dtype or param_dtype,

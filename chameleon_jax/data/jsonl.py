@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import IO, Any, Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,7 +33,7 @@ _DOC_KEYS = ("segments", "task", "meta")
 _SEGMENT_KEYS = ("text", "image", "target", "end_turn")
 
 
-def _wide_gray_to_8bit(im: Image.Image, path: Path) -> Image.Image:
+def _wide_gray_to_8bit(im: Image.Image, path: str) -> Image.Image:
     """A 16-bit (mode I;16*) or 32-bit integer (mode I) grayscale image as mode L, scaled, not clipped."""
     values = np.asarray(im).astype(np.int64)
     if im.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
@@ -43,21 +43,19 @@ def _wide_gray_to_8bit(im: Image.Image, path: Path) -> Image.Image:
     return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L")
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as RGB uint8 [H, W, 3] (grayscale, 16-bit, palette and alpha images converted).
+def decode_image(source: str | os.PathLike | IO[bytes], where: str) -> np.ndarray:
+    """A picture (a file path or a binary stream) as RGB uint8 [H, W, 3].
 
-    Raises FileNotFoundError when missing and DataError when PIL cannot decode it.
+    Grayscale, 16-bit, palette and alpha pictures are converted (alpha over white).
+    Raises DataError naming `where` when PIL cannot decode it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             if im.mode.startswith("I"):
-                im = _wide_gray_to_8bit(im, path)
+                im = _wide_gray_to_8bit(im, where)
             elif im.mode == "F":
-                raise DataError(f"image {path} has floating-point pixels; save it with 8-bit channels")
+                raise DataError(f"image {where} has floating-point pixels; save it with 8-bit channels")
             has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
                 im.mode in ("P", "L", "RGB") and "transparency" in im.info
             )
@@ -67,11 +65,21 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
                 im = Image.alpha_composite(canvas, rgba)
             rgb = im.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode image {path}: {' '.join(str(e).split())}") from None
+        raise DataError(f"cannot decode image {where}: {' '.join(str(e).split())}") from None
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape:
-        raise DataError(f"image {path} decoded to shape {list(array.shape)}, expected [H, W, 3]")
+        raise DataError(f"image {where} decoded to shape {list(array.shape)}, expected [H, W, 3]")
     return array
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as RGB uint8 [H, W, 3] (`decode_image`).
+
+    Raises FileNotFoundError when missing and DataError when PIL cannot decode it.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    return decode_image(path, str(path))
 
 
 def _segment(raw: Any, where: str, base: Path, cache: dict[Path, np.ndarray]) -> Segment:

@@ -22,29 +22,15 @@ import grain
 import numpy as np
 from PIL import Image
 
-from chameleon_jax.data.documents import DataError
+from chameleon_jax.data.jsonl import decode_image, read_image
 from chameleon_jax.data.picture_codes import fit_picture
 from chameleon_jax.data.sources import IMAGE_SUFFIXES
 
 KINDS = ("folder", "tfds", "array_record")
 
 
-def _rgb(im: Image.Image) -> np.ndarray:
-    return np.asarray(im.convert("RGB"), np.uint8)
-
-
 def _decode_bytes(data: bytes, where: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return _rgb(im)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"cannot decode picture {where}: {e}") from None
-
-
-def _load_file(path: str) -> np.ndarray:
-    from chameleon_jax.data.jsonl import read_image
-
-    return read_image(path)
+    return decode_image(io.BytesIO(data), where)
 
 
 def _shorter_side(image: np.ndarray, size: int) -> np.ndarray:
@@ -70,7 +56,7 @@ def picture_dataset(kind: str, location: str, size: int, *, image_key: str = "im
         files = sorted(str(p) for p in Path(location).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no pictures ({', '.join(IMAGE_SUFFIXES)}) under {location}")
-        ds = grain.MapDataset.source(files).map(lambda f: prepare(_load_file(f)))
+        ds = grain.MapDataset.source(files).map(lambda f: prepare(read_image(f)))
     elif kind == "array_record":
         files = sorted(glob.glob(os.path.expanduser(location)))
         if not files:

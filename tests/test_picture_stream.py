@@ -48,7 +48,7 @@ def test_array_record_pictures_and_a_corrupt_record_named(tmp_path):
     w.close()
     ds = picture_dataset("array_record", str(tmp_path / "pics-*.array_record"), 16)
     assert len(ds) == 4 and ds[0].shape == (16, 16, 3)
-    with pytest.raises(ValueError, match=r"cannot decode picture .*pics-\*\.array_record\[3\]"):
+    with pytest.raises(ValueError, match=r"cannot decode image .*pics-\*\.array_record\[3\]"):
         ds[3]
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from chameleon_jax.configlib import param
 
@@ -33,6 +33,9 @@ class EvalConfig:
              "into fragments (t2i seen 0.00 against 0.51 unguided after 5000 steps)"
     )
     max_new_tokens: int = param(48, "generation budget for text answers and captions")
+    image_decoding: Literal["sequential", "jacobi"] = param("sequential", "image codes one per forward pass (sequential) or by speculative "
+                                              "Jacobi decoding (jacobi: same distribution, fewer passes)")
+    jacobi_window: int = param(16, "draft codes verified per forward pass with image_decoding=jacobi")
     data_dir: str = param("", "where the Shapes data set lives; empty = the default data directory")
 
 

@@ -93,13 +93,14 @@ def image_distributions(logits_bwv: jax.Array, tables: modes.TokenTables, params
     return filtered_nv.reshape(b, w, v), p_nv.reshape(b, w, v)
 
 
-def refill_drafts(drafts_bl, q_blv, carried_b, last_b, key, tables: modes.TokenTables, init: str):
+def refill_drafts(drafts_bl, q_blv, carried_b, last_b, u_bl, tables: modes.TokenTables, init: str):
     """Drafts int32 [B, L] and the distributions they come from float32 [B, L, V], with the
     positions from carried_b on drawn afresh.
 
     "uniform": each fresh draft uniform over the image codes. "left": each fresh
     draft is the code to its left (the last carried draft, else the row's last
     token), so q is one-hot; the first code of an image has none and is uniform.
+    u_bl: float32 [B, L] uniform on [0, 1), the randomness of the uniform drafts.
     """
     b, l = drafts_bl.shape
     v = q_blv.shape[-1]
@@ -107,7 +108,7 @@ def refill_drafts(drafts_bl, q_blv, carried_b, last_b, key, tables: modes.TokenT
     num_codes = jnp.sum(image_v.astype(jnp.int32))
     uniform_v = image_v.astype(jnp.float32) / num_codes
     # The k-th image id, for k uniform: where the running count of image ids first reaches k + 1.
-    k_bl = jax.random.randint(key, (b, l), 0, num_codes)
+    k_bl = jnp.minimum((u_bl * num_codes).astype(jnp.int32), num_codes - 1)
     uniform_bl = jnp.searchsorted(jnp.cumsum(image_v.astype(jnp.int32)), k_bl + 1).astype(jnp.int32)
     fresh_bl = jnp.arange(l)[None] >= carried_b[:, None]
     if init == "uniform":
@@ -121,6 +122,11 @@ def refill_drafts(drafts_bl, q_blv, carried_b, last_b, key, tables: modes.TokenT
         starts_uniform_bl = (jnp.arange(l)[None] == carried_b[:, None]) & ~has_left_b[:, None]
         new_q_blv = jnp.where(starts_uniform_bl[..., None], uniform_v, jax.nn.one_hot(base_b, v)[:, None])
     return jnp.where(fresh_bl, new_bl, drafts_bl), jnp.where(fresh_bl[..., None], new_q_blv, q_blv)
+
+
+def draw(logits_nv: jax.Array, gumbel_nv: jax.Array, temperature) -> jax.Array:
+    """int32 [...]: a sample over the last axis by the Gumbel-max trick, or the argmax when temperature is 0."""
+    return jnp.where(temperature <= 0, sampling.first_argmax(logits_nv), sampling.first_argmax(logits_nv + gumbel_nv))
 
 
 def drawing(state: modes.RowState) -> jax.Array:
@@ -230,8 +236,11 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
 
     def window_step(c: _Carry) -> _Carry:
         state = c.row_state
-        k_fill, k_sample, k_accept, k_resample = jax.random.split(jax.random.fold_in(jacobi_key, c.it), 4)
-        drafts_bl, q_blv = refill_drafts(c.drafts_bl, c.q_blv, c.carried_b, c.token_b, k_fill, tables,
+        # All of the step's randomness in two draws (each random op is costly to compile).
+        k_gumbel, k_uniform = jax.random.split(jax.random.fold_in(jacobi_key, c.it))
+        gumbel_bwv = jax.random.gumbel(k_gumbel, (batch, width + 1, vocab))  # samples, then the residual's
+        u_bl, u_fill_bl = jnp.split(jax.random.uniform(k_uniform, (batch, 2 * window)), 2, axis=1)
+        drafts_bl, q_blv = refill_drafts(c.drafts_bl, c.q_blv, c.carried_b, c.token_b, u_fill_bl, tables,
                                          spec.jacobi_init)
         drawing_b = drawing(state)
         fed_bw = jnp.concatenate([c.token_b[:, None], jnp.where(drawing_b[:, None], drafts_bl, tables.pad_id)], 1)
@@ -253,12 +262,9 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
             guided_bwv = jax.vmap(lambda l_rv: guidance_lib.combine(l_rv, params.guidance_scales, form=spec.form),
                                   in_axes=1, out_axes=1)(logits_rwv)
         filtered_bwv, p_bwv = image_distributions(guided_bwv, tables, params, spec)
-        temperature_n = jnp.broadcast_to(params.image_temperature, (batch * width,))
-        samples_bw = sampling.choose_tokens(k_sample, jnp.arange(batch * width), filtered_bwv.reshape(batch * width, -1),
-                                            temperature_n).reshape(batch, width)
+        samples_bw = draw(filtered_bwv, gumbel_bwv[:, :width], params.image_temperature)
         p_x_bl = jnp.take_along_axis(p_bwv[:, :window], drafts_bl[..., None], axis=-1)[..., 0]
         q_x_bl = jnp.take_along_axis(q_blv, drafts_bl[..., None], axis=-1)[..., 0]
-        u_bl = jax.random.uniform(k_accept, (batch, window))
         verifiable_b = jnp.minimum(state.codes_left_b, window)  # drafts past the image's last code are not codes
         ok_bl = accept_drafts(u_bl, p_x_bl, q_x_bl) & (jnp.arange(window)[None] < verifiable_b[:, None])
         kept_b = jnp.sum(jnp.cumprod(ok_bl.astype(jnp.int32), axis=1), axis=1)
@@ -267,8 +273,7 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
         # next code sampled from p, or <eoi> once the image is complete.
         at = lambda x, i_b: jnp.take_along_axis(x, i_b.reshape((batch,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
         residual_bv = residual_logits(at(p_bwv, kept_b), at(q_blv, jnp.minimum(kept_b, window - 1)))
-        resampled_b = sampling.choose_tokens(k_resample, jnp.arange(batch), residual_bv,
-                                             jnp.broadcast_to(params.image_temperature, (batch,)))
+        resampled_b = draw(residual_bv, gumbel_bwv[:, width], params.image_temperature)
         next_b = jnp.where(kept_b < verifiable_b, resampled_b,
                            jnp.where(kept_b >= state.codes_left_b, tables.eoi_id, at(samples_bw, kept_b)))
         drafts_bw = jnp.concatenate([drafts_bl, jnp.full((batch, 1), tables.pad_id, jnp.int32)], axis=1)

@@ -153,3 +153,17 @@ def test_the_check_catches_a_rule_that_keeps_every_draft(sequential_pictures, mo
     finally:
         jax.clear_caches()
     assert chi_square_excess(sequential_pictures[:, :3], wrong[:, :3]) > 3
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_move_rows_copies_each_rows_window_to_its_own_slots(stacked):
+    from chameleon_jax.kv_cache import KVCache, move_rows
+
+    cache = KVCache.zeros(2, 3, 10, 1, 2, jnp.float32, stacked=stacked)
+    cache = jax.tree.map(lambda a: a + jnp.arange(10, dtype=jnp.float32)[:, None], cache)  # slot s holds s
+    moved = move_rows(cache, 7, 3, jnp.asarray([0, 2, 5]))
+    for k in (moved.k if not stacked else [moved.k[0], moved.k[1]]):
+        slots = np.asarray(k[:, 0, :, 0])  # [rows, slots]
+        assert slots[0].tolist() == [7, 8, 9, 3, 4, 5, 6, 7, 8, 9]
+        assert slots[1].tolist() == [0, 1, 7, 8, 9, 5, 6, 7, 8, 9]
+        assert slots[2].tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 8, 9]

@@ -169,28 +169,28 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
     rows = batch * streams
     stage = padded + limit
     slots_s = jnp.arange(stage + width, dtype=jnp.int32)
-    is_guide_r = jnp.arange(rows) >= batch
+    is_guide_r = guidance_lib.guidance_row_mask(rows, streams)
     vocab = logits_bv.shape[-1]
     choose_key, jacobi_key = jax.random.split(key)
-    row_keys_b = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(choose_key, jnp.arange(batch))
+    # Each prompt's random stream id, as the sequential loop uses it: its draws do not depend on the batch.
+    row_ids_b = jnp.arange(batch, dtype=jnp.int32) if params.row_ids_b is None else params.row_ids_b
     advance_kw = dict(limit=limit, codes_per_image=codes, modality=spec.modality)
     j_w = jnp.arange(width)
 
     def choose_rows(state, n_b, logits_rv):
-        """Each row's one token as the sequential loop picks it (own step and key): int32 [B], logits [B, V]."""
-        by_row_bsv = logits_rv.reshape(streams, batch, -1).swapaxes(0, 1)
+        """Each row's one token as the sequential loop picks it (own step and stream id): int32 [B], logits [B, V]."""
 
-        def one(logits_sv, row, n, k):
-            token_1, _, chosen_1v = choose(logits_sv, jax.tree.map(lambda a: a[None], row), n, k, params, tables,
-                                           spec, 1)
+        def one(logits_sv, row, n, row_id):
+            token_1, _, chosen_1v = choose(logits_sv, jax.tree.map(lambda a: a[None], row), n, choose_key,
+                                           params._replace(row_ids_b=row_id[None]), tables, spec, 1)
             return token_1[0], chosen_1v[0]
 
-        return jax.vmap(one)(by_row_bsv, state, n_b, row_keys_b)
+        return jax.vmap(one)(guidance_lib.prompt_streams(logits_rv, streams), state, n_b, row_ids_b)
 
     def feed(c, tokens_rt, index_rt):
         """Runs T tokens per row at the staging slots and moves them to each row's next slots."""
         t = tokens_rt.shape[1]
-        at_r = jnp.tile(padded + c.n_b - 1, streams)  # the slot the first fed token belongs in
+        at_r = guidance_lib.to_rows(padded + c.n_b - 1, streams)  # the slot the first fed token belongs in
         # A guidance row that is fed <boi> forgets everything generated before it.
         first_r = jnp.where(is_guide_r & (tokens_rt[:, 0] == tables.boi_id), at_r, c.first_r)
         visible_rs = (base_mask_rs | ((slots_s >= first_r[:, None]) & (slots_s < at_r[:, None]))
@@ -227,8 +227,8 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
         index_r1 = None
         if positioned:  # guidance rows feed the same token at the same index as their own row
             index_b = modes.code_index(c.row_state, c.token_b, tables, codes_per_image=codes)
-            index_r1 = jnp.tile(index_b, streams)[:, None]
-        logits_r1v, cache, first_r = feed(c, jnp.tile(c.token_b, streams)[:, None], index_r1)
+            index_r1 = guidance_lib.to_rows(index_b, streams)[:, None]
+        logits_r1v, cache, first_r = feed(c, guidance_lib.to_rows(c.token_b, streams)[:, None], index_r1)
         token_b, logits_bv = choose_rows(c.row_state, c.n_b, logits_r1v[:, 0])
         chosen = chosen_logits(logits_bv) if spec.return_logits else None
         return commit(c, cache, first_r, pad_window(token_b), (~c.row_state.done_b).astype(jnp.int32), chosen,
@@ -236,10 +236,12 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
 
     def window_step(c: _Carry) -> _Carry:
         state = c.row_state
-        # All of the step's randomness in two draws (each random op is costly to compile).
-        k_gumbel, k_uniform = jax.random.split(jax.random.fold_in(jacobi_key, c.it))
-        gumbel_bwv = jax.random.gumbel(k_gumbel, (batch, width + 1, vocab))  # samples, then the residual's
-        u_bl, u_fill_bl = jnp.split(jax.random.uniform(k_uniform, (batch, 2 * window)), 2, axis=1)
+        # All of the step's randomness in two draws (each random op is costly to compile), from
+        # each row's own key (its stream id), so a row's draws do not depend on the other rows.
+        keys_b = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(jacobi_key, c.it), row_ids_b)
+        k_gumbel_b, k_uniform_b = jax.vmap(jax.random.split, out_axes=1)(keys_b)
+        gumbel_bwv = jax.vmap(lambda k: jax.random.gumbel(k, (width + 1, vocab)))(k_gumbel_b)  # samples, residual
+        u_bl, u_fill_bl = jnp.split(jax.vmap(lambda k: jax.random.uniform(k, (2 * window,)))(k_uniform_b), 2, axis=1)
         drafts_bl, q_blv = refill_drafts(c.drafts_bl, c.q_blv, c.carried_b, c.token_b, u_fill_bl, tables,
                                          spec.jacobi_init)
         drawing_b = drawing(state)
@@ -249,18 +251,15 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
             index_b = modes.code_index(state, c.token_b, tables, codes_per_image=codes)
             draft_index_bw = (codes - state.codes_left_b)[:, None] + j_w[None] - 1
             index_bw = jnp.where(j_w[None] == 0, index_b[:, None], jnp.where(drawing_b[:, None], draft_index_bw, -1))
-            index_rw = jnp.tile(index_bw, (streams, 1))
-        logits_rwv, cache, first_r = feed(c, jnp.tile(fed_bw, (streams, 1)), index_rw)
+            index_rw = guidance_lib.to_rows(index_bw, streams)
+        logits_rwv, cache, first_r = feed(c, guidance_lib.to_rows(fed_bw, streams), index_rw)
 
         # Rows not drawing: one token, as in a sequential step.
         one_b, one_logits_bv = choose_rows(state, c.n_b, logits_rwv[:, 0])
 
         # Rows drawing: p at every position, then the left-to-right test of the drafts.
-        if spec.form == "none":
-            guided_bwv = logits_rwv[:batch]
-        else:
-            guided_bwv = jax.vmap(lambda l_rv: guidance_lib.combine(l_rv, params.guidance_scales, form=spec.form),
-                                  in_axes=1, out_axes=1)(logits_rwv)
+        guided_bwv = jax.vmap(lambda l_rv: guidance_lib.combine(l_rv, params.guidance_scales, form=spec.form),
+                              in_axes=1, out_axes=1)(logits_rwv)
         filtered_bwv, p_bwv = image_distributions(guided_bwv, tables, params, spec)
         samples_bw = draw(filtered_bwv, gumbel_bwv[:, :width], params.image_temperature)
         p_x_bl = jnp.take_along_axis(p_bwv[:, :window], drafts_bl[..., None], axis=-1)[..., 0]

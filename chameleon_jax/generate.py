@@ -56,6 +56,9 @@ class GenerateConfig:
     cfg_image_scale: Optional[float] = param(None, "three-stream guidance: image-prompt scale (set it or cfg_text_scale)")
     cfg_text_scale: Optional[float] = param(None, "three-stream guidance: text-prompt scale")
     seed: int = param(0, "sampling seed (same seed, same output)")
+    image_decoding: Literal["sequential", "jacobi"] = param(
+        "sequential", "image codes one per forward pass, or by speculative Jacobi decoding (same distribution)")
+    jacobi_window: int = param(16, "draft codes verified per forward pass with image_decoding=jacobi")
     out: str = param("generated", "output directory for the page and its PNGs")
     format: Literal["html", "md", "both"] = param("both", "page format: index.html, page.md or both")
     prompts: str = param("", "JSONL file of prompts, one document a line: batch inference into out/outputs.jsonl "
@@ -148,7 +151,8 @@ def sampling_kwargs(cfg: GenerateConfig) -> dict:
     """The `Pipeline.generate` keywords every prompt of a call shares."""
     return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, image_temperature=cfg.image_temperature,
                 image_top_k=cfg.image_top_k, image_top_p=cfg.image_top_p, cfg_scale=cfg.cfg_scale,
-                cfg_image_scale=cfg.cfg_image_scale, cfg_text_scale=cfg.cfg_text_scale)
+                cfg_image_scale=cfg.cfg_image_scale, cfg_text_scale=cfg.cfg_text_scale,
+                image_decoding=cfg.image_decoding, jacobi_window=cfg.jacobi_window)
 
 
 def run_batch(cfg: GenerateConfig) -> Path:

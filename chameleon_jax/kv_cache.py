@@ -90,3 +90,23 @@ def write_layer(k: jax.Array, v: jax.Array, write_index, k_btkh: jax.Array, v_bt
         start = (jnp.asarray(layer, jnp.int32), *start)
         k_bkth, v_bkth = k_bkth[None], v_bkth[None]
     return jax.lax.dynamic_update_slice(k, k_bkth, start), jax.lax.dynamic_update_slice(v, v_bkth, start)
+
+
+def move_rows(cache: KVCache, src_index: int, width: int, dst_index_b: jax.Array) -> KVCache:
+    """The cache with slots [src_index, src_index + width) of each row copied to that row's
+    [dst_index_b[b], dst_index_b[b] + width), in every layer.
+
+    A decode step that runs a window of tokens at one shared slot range (the model writes
+    every row at the same `write_index`) moves each row's window to where that row's
+    sequence continues; rows may sit at different lengths. Only the window is read and
+    written (a per-row scatter, in place inside a jitted loop). `dst_index_b + width` must
+    not exceed max_len.
+    """
+
+    def move(a):  # [B, K, S, H] or stacked [L, B, K, S, H]; batch is axis -4, slots axis -2
+        window = jax.lax.dynamic_slice_in_dim(a, src_index, width, axis=-2)
+        put = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice_in_dim(row, w, at, axis=-2),
+                       in_axes=(a.ndim - 4, a.ndim - 4, 0), out_axes=a.ndim - 4)
+        return put(a, window, jnp.asarray(dst_index_b, jnp.int32))
+
+    return jax.tree.map(move, cache)

@@ -219,6 +219,9 @@ class Pipeline:
         ignore_eos: bool = False,
         return_logits: bool = False,
         stream_ids: Sequence[int] | None = None,
+        image_decoding: str = "sequential",
+        jacobi_window: int = 16,
+        jacobi_init: str = "uniform",
     ) -> DecodeResult:
         """Token-level `generate`: prompts of ids (each starting with `<bos>`) -> a `DecodeResult`.
 
@@ -237,6 +240,7 @@ class Pipeline:
             guidance=resolve_guidance(cfg_scale, cfg_image_scale, cfg_text_scale),
             codes_per_image=self.codes_per_image, seed=seed, stop_at_eot=stop_at_eot, ignore_eos=ignore_eos,
             return_logits=return_logits, mesh=self.mesh, rules=self.rules, stream_ids=stream_ids,
+            image_decoding=image_decoding, jacobi_window=jacobi_window, jacobi_init=jacobi_init,
         )
 
     def generate(self, prompts: str | Sequence[str | Sequence[Segment]], *, modality: str = "text",
@@ -253,6 +257,10 @@ class Pipeline:
         Guidance (image codes only): cfg_scale for the two-stream form, or
           cfg_image_scale/cfg_text_scale for Chameleon's three-stream form.
         seed: same seed, prompts and settings -> same output.
+        image_decoding: "sequential" (one image code per forward pass) or "jacobi"
+          (speculative Jacobi decoding: up to jacobi_window codes verified per pass;
+          the same distribution, the same tokens when greedy); jacobi_init: its
+          fresh drafts, "uniform" over the codes or "left" (the code to their left).
         Other keywords as in `generate_ids`.
         """
         if isinstance(prompts, str):

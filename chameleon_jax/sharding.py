@@ -161,6 +161,11 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `use_mesh`, or None outside one."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     """`with_sharding_constraint` by logical names; a no-op when no mesh is active."""
     active = _ACTIVE.get()

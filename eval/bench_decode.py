@@ -13,7 +13,9 @@ thread counts in `hf_threads`). Where JAX runs on a GPU, Hugging Face runs on it
 (`hf_device`), synchronised before its clock is read. A second table gives seconds per
 generated image (the image's tokens only, no pixel decoding) without and with two-stream
 classifier-free guidance, for 64- and 1024-code images on `image_preset` with its context
-raised to fit.
+raised to fit, each decoded sequentially and by speculative Jacobi decoding
+(`image_decoding=jacobi`, `jacobi_window` drafts per pass), with the forward passes
+per image (the loop's steps, the prefill counted as one).
 
 `mesh="data=8"` (MeshConfig sizes, space-separated: `mesh="data=2 tensor=4"`) also times our
 text decoding on that device mesh beside one device, same weights and prompts (on a CPU,
@@ -53,6 +55,9 @@ class BenchConfig:
     image_preset: str = param("small", "model preset for the per-image timings")
     image_codes: tuple[int, ...] = param((64, 1024), "codes per image for the per-image timings")
     cfg_scale: float = param(3.0, "guidance scale of the guided image timing")
+    image_decodings: tuple[str, ...] = param(("sequential", "jacobi"), "image decodings timed per image")
+    jacobi_window: int = param(16, "draft codes verified per forward pass by Jacobi decoding")
+    image_temperature: float = param(1.0, "image-code sampling temperature of the per-image timings (0 = greedy)")
     scan_layers: bool = param(False, "import the blocks stacked for nnx.scan (else one by one)")
     hf_threads: tuple[int, ...] = param(
         (1, 0), "torch thread counts tried for Hugging Face on the CPU (0 = torch's default); its best is reported"
@@ -242,12 +247,21 @@ def bench_images(cfg: BenchConfig, model_dir: Path) -> list[dict]:
     for codes in cfg.image_codes:
         row = dict(preset=cfg.image_preset, codes_per_image=codes)
         for name, guidance in (("plain", Guidance()), ("guided", Guidance("two", scale=cfg.cfg_scale))):
-            def one_image():
-                out = generate_tokens(model, vocab, prompts, modality="image", max_new_tokens=codes + 2,
-                                      image=SamplingParams(1.0), guidance=guidance, codes_per_image=codes)
-                assert len(out.tokens[0]) == codes + 2
-            row[f"{name}_s_per_image"] = best_seconds(one_image, cfg.repeats)
-        row["guided_over_plain"] = row["guided_s_per_image"] / row["plain_s_per_image"]
+            for decoding in cfg.image_decodings:
+                passes = []
+
+                def one_image():
+                    out = generate_tokens(model, vocab, prompts, modality="image", max_new_tokens=codes + 2,
+                                          image=SamplingParams(cfg.image_temperature), guidance=guidance,
+                                          codes_per_image=codes, image_decoding=decoding,
+                                          jacobi_window=cfg.jacobi_window)
+                    assert len(out.tokens[0]) == codes + 2
+                    passes.append(out.steps)
+                key = name if decoding == "sequential" else f"{name}_{decoding}"
+                row[f"{key}_s_per_image"] = best_seconds(one_image, cfg.repeats)
+                row[f"{key}_passes_per_image"] = float(np.mean(passes))
+        if "sequential" in cfg.image_decodings:
+            row["guided_over_plain"] = row["guided_s_per_image"] / row["plain_s_per_image"]
         rows.append(row)
         print_row(row)
     return rows
@@ -312,12 +326,22 @@ def print_tables(results: dict) -> None:
         for r in meshed:
             print(f"{r['preset']:<8}{r['batch']:>6}{r['mesh']:>18}{r['mesh_devices']:>9}{r['ours_tokens_per_s']:>12.1f}"
                   f"{r['mesh_tokens_per_s']:>12.1f}{r['mesh_over_one_device']:>8.2f}{str(r['mesh_same_tokens']):>6}")
-    if results["images"]:
+    if results["images"] and "guided_over_plain" in results["images"][0]:
         print("\nseconds per image (batch 1, sampled codes)")
         print(f"{'preset':<8}{'codes':>6}{'plain':>10}{'guided':>10}{'ratio':>8}")
         for r in results["images"]:
             print(f"{r['preset']:<8}{r['codes_per_image']:>6}{r['plain_s_per_image']:>10.3f}"
                   f"{r['guided_s_per_image']:>10.3f}{r['guided_over_plain']:>8.2f}")
+    if results["images"] and "plain_jacobi_s_per_image" in results["images"][0] and "plain_s_per_image" in results["images"][0]:
+        print("\nsequential vs Jacobi image decoding (batch 1): forward passes and seconds per image")
+        print(f"{'preset':<8}{'codes':>6}{'stream':>8}{'passes seq':>12}{'passes jac':>12}{'s seq':>9}{'s jac':>9}"
+              f"{'speedup':>9}")
+        for r in results["images"]:
+            for name in ("plain", "guided"):
+                print(f"{r['preset']:<8}{r['codes_per_image']:>6}{name:>8}{r[f'{name}_passes_per_image']:>12.1f}"
+                      f"{r[f'{name}_jacobi_passes_per_image']:>12.1f}{r[f'{name}_s_per_image']:>9.3f}"
+                      f"{r[f'{name}_jacobi_s_per_image']:>9.3f}"
+                      f"{r[f'{name}_s_per_image'] / r[f'{name}_jacobi_s_per_image']:>9.2f}")
 
 
 if __name__ == "__main__":

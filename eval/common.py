@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from chameleon_jax.config import MeshConfig
 from chameleon_jax.configlib import param
@@ -41,6 +41,9 @@ class EvalConfig:
              "into fragments (t2i seen 0.00 against 0.51 unguided after 5000 steps)"
     )
     max_new_tokens: int = param(48, "generation budget for text answers and captions")
+    image_decoding: Literal["sequential", "jacobi"] = param("sequential", "image codes one per forward pass (sequential) or by speculative "
+                                              "Jacobi decoding (jacobi: same distribution, fewer passes)")
+    jacobi_window: int = param(16, "draft codes verified per forward pass with image_decoding=jacobi")
     data_dir: str = param("", "where the Shapes data set lives; empty = the default data directory")
     mesh: MeshConfig = param(
         MeshConfig(data=1, fsdp=1, tensor=1),

@@ -22,6 +22,7 @@ def evaluate(pipe, cfg: common.EvalConfig, num_documents: int = 4) -> dict:
     results = common.generate_all(
         pipe, prompts, cfg, "interleaved", modality="any", max_new_tokens=budget, temperature=cfg.temperature,
         image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k, cfg_scale=cfg.cfg_scale,
+        image_decoding=cfg.image_decoding, jacobi_window=cfg.jacobi_window,
     )
     first_ok, all_ok, expected, matched = [], [], 0, 0
     for d, r in zip(docs, results):

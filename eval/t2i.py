@@ -21,7 +21,7 @@ def generate_images(pipe, prompts: list[str], cfg: common.EvalConfig, cfg_scale:
     results = common.generate_all(
         pipe, [[p] for p in prompts], cfg, desc, modality="image", max_new_tokens=pipe.codes_per_image + 2,
         temperature=cfg.temperature, image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
-        cfg_scale=cfg_scale,
+        cfg_scale=cfg_scale, image_decoding=cfg.image_decoding, jacobi_window=cfg.jacobi_window,
     )
     images = [common.images_of(r) for r in results]
     return [imgs[0] if imgs else None for imgs in images]

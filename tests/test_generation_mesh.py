@@ -73,6 +73,16 @@ def test_mesh_generates_the_single_device_tokens(name, single_device):
     assert run_calls(pipe) == single_device
 
 
+def test_greedy_jacobi_image_decoding_on_a_mesh_gives_the_single_device_sequential_tokens():
+    kw = dict(modality="any", max_new_tokens=IMAGE_AT + K + 6, cfg_image_scale=1.5, cfg_text_scale=2.0,
+              temperature=0.0, image_temperature=0.0)
+    sequential = Pipeline.from_parts(steered_model(), VOCAB, PatchTokenizer()).generate_ids(PROMPTS, **kw).tokens
+    pipe = Pipeline.from_parts(steered_model(), VOCAB, PatchTokenizer(), mesh=MESHES["data2_tensor4"])
+    jacobi = pipe.generate_ids(PROMPTS, image_decoding="jacobi", jacobi_window=4, **kw).tokens
+    assert jacobi == sequential
+    assert all(row.count(BOI) == 1 and row[row.index(BOI) + K + 1] == EOI for row in sequential)  # an image each
+
+
 def test_parameters_and_kv_cache_are_split_over_the_mesh():
     pipe = Pipeline.from_parts(tiny_model(num_heads=4, num_kv_heads=2), VOCAB, mesh=MESHES["data2_fsdp2_tensor2"])
     wk = pipe.model.blocks[0].attn.wk_dkh[...]  # [embed 32, kv_heads 2, head_dim 16]

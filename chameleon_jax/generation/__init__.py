@@ -4,6 +4,8 @@
 - modes.py: which tokens a row may emit in text or image mode, and how modes switch
 - guidance.py: classifier-free guidance streams for image tokens (two- and three-stream)
 - decode.py: prefill + `lax.while_loop` over a fixed KV cache (`generate_tokens`)
+- jacobi.py: speculative Jacobi decoding of image codes inside that loop (several codes per
+  forward pass, the same distribution; `generate_tokens(..., image_decoding="jacobi")`)
 """
 
 from chameleon_jax.generation.decode import DecodeResult, FrozenModel, freeze, generate_tokens

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from chameleon_jax.generation import guidance as guidance_lib
+from chameleon_jax.generation import jacobi
 from chameleon_jax.generation import modes
 from chameleon_jax.generation import placement as placement_lib
 from chameleon_jax.generation import sampling
@@ -55,6 +56,8 @@ class DecodeSpec:
     use_top_p: bool
     use_sampling: bool  # False when both modalities are greedy: no random draws at all
     return_logits: bool
+    jacobi_window: int = 0  # image drafts verified per forward pass (jacobi.py); 0 = sequential image decoding
+    jacobi_init: str = "uniform"  # fresh drafts: jacobi.INITS
 
 
 class DecodeParams(NamedTuple):
@@ -150,14 +153,19 @@ def plan_lengths(prompt_lens: Sequence[int], *, max_new_tokens: int, context: in
 
 
 def decode_spec(*, limit: int, codes_per_image: int, modality: str, form: str, text: SamplingParams,
-                image: SamplingParams, return_logits: bool) -> DecodeSpec:
+                image: SamplingParams, return_logits: bool, image_decoding: str = "sequential",
+                jacobi_window: int = 16, jacobi_init: str = "uniform") -> DecodeSpec:
     """The static part of a call. Only the settings of a modality the loop can sample count:
-    greedy text under the (sampled) image defaults compiles a step with no random draws."""
+    greedy text under the (sampled) image defaults compiles a step with no random draws.
+    Jacobi decoding applies only where images can be drawn (else the loop is the sequential one)."""
     used = [p for p, ok in ((text, modality != "image"), (image, modality != "text" and codes_per_image > 0)) if ok]
+    draws_images = modality != "text" and codes_per_image > 0
+    window = jacobi.window_size(jacobi_window, codes_per_image) if image_decoding == "jacobi" and draws_images else 0
     return DecodeSpec(
         limit=limit, codes_per_image=int(codes_per_image), modality=modality, form=form,
         use_top_k=any(p.uses_top_k for p in used), use_top_p=any(p.uses_top_p for p in used),
         use_sampling=any(p.temperature > 0 for p in used), return_logits=return_logits,
+        jacobi_window=window, jacobi_init=jacobi_init,
     )
 
 
@@ -230,10 +238,10 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
     streams = guidance_lib.FORMS.index(spec.form) + 1
     batch = rows // streams
     limit = spec.limit
-    cache_len = padded + limit
+    cache_len = padded + limit + jacobi.staging_slots(spec)
     slots_s = jnp.arange(cache_len, dtype=jnp.int32)
 
-    base_mask_rs = jnp.pad(mask_rp, ((0, 0), (0, limit)))
+    base_mask_rs = jnp.pad(mask_rp, ((0, 0), (0, cache_len - padded)))
     base_len_r = mask_rp.sum(axis=1).astype(jnp.int32)
     positions_rp = jnp.maximum(jnp.cumsum(mask_rp, axis=1, dtype=jnp.int32) - 1, 0)
     cache = model.init_cache(rows, cache_len)
@@ -259,6 +267,10 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
         logits_bnv = logits_bnv.at[:, 0].set(logits_bv)
     is_guide_r = guidance_lib.guidance_row_mask(rows, streams)
     first_r = jnp.where(is_guide_r, cache_len, padded).astype(jnp.int32)
+    if spec.jacobi_window:
+        return jacobi.decode_loop(run_model, _choose, cache, token_b, row_state, first_r, logits_bv, tables=tables,
+                                  params=params, key=key, spec=spec, base_mask_rs=base_mask_rs, base_len_r=base_len_r,
+                                  batch=batch, streams=streams, padded=padded, positioned=positioned)
 
     def keep_going(c: _Carry):
         return (c.step < limit) & ~jnp.all(c.row_state.done_b)
@@ -310,6 +322,9 @@ def generate_tokens(
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
     stream_ids: Sequence[int] | None = None,
+    image_decoding: str = "sequential",
+    jacobi_window: int = 16,
+    jacobi_init: str = "uniform",
 ) -> DecodeResult:
     """Generates continuations of token-id prompts with one compiled loop.
 
@@ -326,9 +341,19 @@ def generate_tokens(
     The tokens are the ones one device would choose.
     stream_ids: each prompt's random stream under `seed` (default: its index in the
     batch, counted over all processes); a prompt's samples depend on its own id only.
+    image_decoding: "sequential" (one code per forward pass) or "jacobi"
+    (speculative Jacobi decoding, jacobi.py: up to jacobi_window codes verified
+    per pass, fresh drafts by jacobi_init; the same distribution, and with image
+    temperature 0 the same tokens; a seed draws other samples than sequential).
     """
     if modality not in modes.MODALITIES:
         raise ValueError(f"modality must be one of {modes.MODALITIES}, got {modality!r}")
+    if image_decoding not in jacobi.DECODINGS:
+        raise ValueError(f"image_decoding must be one of {jacobi.DECODINGS}, got {image_decoding!r}")
+    if jacobi_window < 1:
+        raise ValueError(f"jacobi_window must be >= 1, got {jacobi_window}")
+    if jacobi_init not in jacobi.INITS:
+        raise ValueError(f"jacobi_init must be one of {jacobi.INITS}, got {jacobi_init!r}")
     if not prompts and mesh is None:  # on a mesh, a process may have no prompts of its own
         raise ValueError("no prompts given")
     if stream_ids is not None and len(stream_ids) != len(prompts):
@@ -348,7 +373,8 @@ def generate_tokens(
     )
     tokens_rp, mask_rp = pad_prompts(rows, padded, vocab.pad_id)
     spec = decode_spec(limit=limit, codes_per_image=codes_per_image, modality=modality, form=guidance.form,
-                       text=text, image=image, return_logits=return_logits)
+                       text=text, image=image, return_logits=return_logits, image_decoding=image_decoding,
+                       jacobi_window=jacobi_window, jacobi_init=jacobi_init)
     f32, i32 = (lambda x: jnp.asarray(x, jnp.float32)), (lambda x: jnp.asarray(x, jnp.int32))
     params = DecodeParams(
         f32(text.temperature), i32(text.top_k), f32(text.top_p),
@@ -370,6 +396,6 @@ def generate_tokens(
     out_bn, length_b = np.asarray(out_bn), np.asarray(length_b)
     return DecodeResult(
         tokens=[out_bn[b, : length_b[b]].tolist() for b in range(len(out_bn))],
-        steps=int(steps), prompt_len=padded, cache_len=padded + limit,
+        steps=int(steps), prompt_len=padded, cache_len=padded + limit + jacobi.staging_slots(spec),
         logits=np.asarray(logits_bnv) if return_logits else None,
     )

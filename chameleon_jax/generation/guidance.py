@@ -83,8 +83,7 @@ def combine(logits_rv: jax.Array, scales: jax.Array, *, form: str) -> jax.Array:
     """
     if form == "none":
         return logits_rv
-    streams = FORMS.index(form) + 1
-    by_stream = logits_rv.reshape(-1, streams, logits_rv.shape[-1])
+    by_stream = prompt_streams(logits_rv, FORMS.index(form) + 1)
     full, uncond = by_stream[:, 0], by_stream[:, 1]
     if form == "two":
         return uncond + scales[0] * (full - uncond)
@@ -92,9 +91,14 @@ def combine(logits_rv: jax.Array, scales: jax.Array, *, form: str) -> jax.Array:
     return uncond + scales[1] * (image_only - uncond) + scales[2] * (full - image_only)
 
 
+def prompt_streams(x_r: jax.Array, streams: int) -> jax.Array:
+    """An array over all R = streams * B rows as [B, streams, ...]: each prompt's rows together."""
+    return x_r.reshape(-1, streams, *x_r.shape[1:])
+
+
 def conditional_rows(x_r: jax.Array, streams: int) -> jax.Array:
     """The B conditional rows (stream 0) of an array over all R = streams * B rows."""
-    return x_r.reshape(-1, streams, *x_r.shape[1:])[:, 0]
+    return prompt_streams(x_r, streams)[:, 0]
 
 
 def to_rows(x_b: jax.Array, streams: int) -> jax.Array:

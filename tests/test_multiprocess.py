@@ -86,7 +86,7 @@ def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
     multi = _finish(procs)
 
     assert single["global_devices"] == 8 and single["process_count"] == 1
-    assert single["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert single["mesh"] == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     for r in multi:
         assert r["process_count"] == 2 and r["global_devices"] == 8 and r["mesh"] == single["mesh"]
     # Each process holds (and read) its own half of the batch rows.

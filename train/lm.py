@@ -26,16 +26,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from chameleon_jax import configlib
+from chameleon_jax.generation.distributed import maybe_initialize
 from train.lm_config import PRESETS, LMTrainConfig
 from train.run import RunSession, TrainingDivergedError, clear_run, enable_compilation_cache, guard, setup_logging
 
@@ -45,32 +44,13 @@ log = logging.getLogger("train.lm")
 # --------------------------------------------------------------------------- setup
 
 
-_DISTRIBUTED_READY = False
-
-
 def maybe_initialize_distributed(cfg: LMTrainConfig) -> None:
-    """`jax.distributed.initialize` for multi-process runs (must precede any other JAX call)."""
-    global _DISTRIBUTED_READY
-    if _DISTRIBUTED_READY or cfg.distributed == "off":
-        return
-    wanted = cfg.distributed == "on" or cfg.num_processes > 1 or bool(cfg.coordinator_address) or bool(
-        os.environ.get("JAX_COORDINATOR_ADDRESS")
-    )
-    if not wanted:
-        return
-    import jax
+    """`jax.distributed.initialize` for multi-process runs (must precede any other JAX call).
 
-    kwargs: dict[str, Any] = {}
-    if cfg.coordinator_address:
-        kwargs["coordinator_address"] = cfg.coordinator_address
-    if cfg.num_processes > 0:
-        kwargs["num_processes"] = cfg.num_processes
-    if cfg.process_id >= 0:
-        kwargs["process_id"] = cfg.process_id
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
-    _DISTRIBUTED_READY = True
+    The config's `distributed`, `coordinator_address`, `num_processes` and `process_id`
+    fields mean what they mean for generation (`chameleon_jax.generation.distributed`).
+    """
+    maybe_initialize(cfg)
 
 
 def resolve_config(cfg: LMTrainConfig, vocab, codes_per_image: int = 0) -> LMTrainConfig:

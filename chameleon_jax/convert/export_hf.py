@@ -39,7 +39,7 @@ import numpy as np
 from chameleon_jax.config import ModelConfig
 from chameleon_jax.convert import ConversionError, TOKENIZER_FILE
 from chameleon_jax.convert.hf import layer_table, ours_to_hf, top_table
-from chameleon_jax.vocab import CHAMELEON_SPECIAL_NAMES, Vocabulary, chameleon_image_token_name
+from chameleon_jax.vocab import Vocabulary, chameleon_image_token_name
 
 IMAGE_PLACEHOLDER = "<image>"
 

@@ -30,7 +30,10 @@ class DistributedConfig:
 
 
 def maybe_initialize(cfg: DistributedConfig) -> None:
-    """`jax.distributed.initialize` when `cfg` asks for a multi-process run (once per process)."""
+    """`jax.distributed.initialize` when `cfg` asks for a multi-process run (once per process).
+
+    `cfg` is any config with the four fields of `DistributedConfig` (`train.lm`'s too).
+    """
     global _JOINED
     if _JOINED or cfg.distributed == "off":
         return

@@ -79,6 +79,16 @@ def test_every_picture_has_exactly_codes_per_image_codes_then_eoi():
     assert all(len(t) == 2 * K + 12 for t in out.tokens)
 
 
+def test_a_prompts_jacobi_samples_follow_its_stream_id_not_its_batch_position():
+    kw = dict(modality="image", max_new_tokens=K + 2, image=HOT, codes_per_image=K, seed=5, image_decoding="jacobi",
+              jacobi_window=4, guidance=Guidance("two", scale=2.0))
+    model = tiny_model(seed=2)
+    both = generate_tokens(model, VOCAB, [ids("a cat"), ids("a dog")], **kw).tokens
+    alone = generate_tokens(model, VOCAB, [ids("a dog")], stream_ids=[1], **kw).tokens
+    assert alone[0] == both[1]
+    assert len(images_of(both[1])) == 1
+
+
 # ----------------------------------------------------------------- lossless sampling
 
 CODES = 6  # a small codebook, so that the joint law of the first codes can be counted

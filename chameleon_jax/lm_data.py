@@ -6,7 +6,7 @@
 
 Sources (`LMDataConfig.source`):
 - "shards": documents tokenised beforehand by `python -m train.tokenize`, read
-  through grain (chameleon_jax.data.grain_pipeline, which `LMData.build` returns
+  through grain (chameleon_jax.data.grain_pipeline, which `train.lm` builds instead
   for this source): the path for data sets of any size.
 - "shapes": the synthetic Shapes tasks (captioning, text-to-image, VQA,
   interleaved), mixed by config weights; document i of a split is a pure
@@ -417,11 +417,9 @@ class LMData:
     ) -> "LMData":
         """Loads sources, the image tokenizer and code cache; trains or loads the vocabulary.
 
-        source=shards returns a chameleon_jax.data.grain_pipeline.ShardData (same interface)."""
+        source=shards is read by chameleon_jax.data.grain_pipeline.ShardData (same interface)."""
         if cfg.source == "shards":
-            from chameleon_jax.data.grain_pipeline import ShardData
-
-            return ShardData.build(cfg, run_dir=run_dir, vq_dir=vq_dir, seq_len=seq_len, is_primary=is_primary)
+            raise ValueError("data.source=shards is read by chameleon_jax.data.grain_pipeline.ShardData.build")
         seq_len = int(seq_len or cfg.sequence.seq_len)
         run_dir = Path(run_dir)
         tokenizer, tok_fp, tok_dir = load_image_tokenizer(vq_dir, cfg)

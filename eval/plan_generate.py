@@ -39,7 +39,7 @@ from typing import Any
 from chameleon_jax import configlib
 from chameleon_jax.config import MeshConfig, ModelConfig
 from eval import accelerators
-from eval.plan import DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, mesh_sizes
+from eval.plan_common import DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, mesh_sizes
 
 STREAMS = {"none": 1, "two": 2, "three": 3}
 

@@ -1,5 +1,6 @@
 """train.tokenize: every source to array_record shards; bad pictures reported; atomic shards; restarts; processes."""
 
+import functools
 import json
 import os
 import subprocess
@@ -85,6 +86,7 @@ def test_jsonl_documents_tokenise_with_prompt_weights(tmp_path):
     assert shards.images == 2 and _texts(shards, vocab)[1] == "just some text"
 
 
+@functools.cache  # TFDS registers a builder class by name, once per process
 def _tiny_tfds_builder():
     import tensorflow_datasets as tfds
 

@@ -91,7 +91,7 @@ def test_vqvae_refuses_steps_below_one(tmp_path, capsys):
 def test_vqvae_missing_picture_folder(tmp_path, capsys):
     argv = [*VQ_SMALL, f"run_dir={tmp_path / 'run'}", "data.source=folder", f"data.data_dir={tmp_path / 'none'}"]
     line = _fails(train_vq.main, argv, capsys)
-    assert f"no PNG/JPEG pictures under {tmp_path / 'none'}" in line and not (tmp_path / "run").exists()
+    assert "no pictures" in line and f"under {tmp_path / 'none'}" in line and not (tmp_path / "run").exists()
 
 
 def test_vqvae_corrupt_picture_is_named(tmp_path, capsys):

@@ -12,7 +12,7 @@ from tests.test_grain_pipeline import _tokenise
 
 def _run_cfg(run_dir, shards, *overrides):
     return configlib.apply_overrides(tiny(), [
-        f"run_dir={run_dir}", "data.source=shards", f"data.shards={shards}", "batch_size=4",
+        f"run_dir={run_dir}", "data.source=shards", f"data.shards={shards}", "batch_size=8",
         "data.sequence.seq_len=64", "data.sequence.overlong=split", "log_interval=1", "checkpoint_interval=2",
         "eval_interval=0", "peak_flops=1e12", "progress=false", "optim.warmup_steps=1", "optim.decay_steps=4",
         "async_checkpoint=false", *overrides,
@@ -20,7 +20,7 @@ def _run_cfg(run_dir, shards, *overrides):
 
 
 def test_resume_mid_epoch_gives_the_same_batches_and_losses(tmp_path):
-    shards = _tokenise(tmp_path, 30, "a", long_every=5).directory  # about 6 batches an epoch
+    shards = _tokenise(tmp_path, 30, "a", long_every=5).directory  # about 3 batches an epoch
     straight = run(_run_cfg(tmp_path / "straight", shards, "steps=4"))
     resumed = tmp_path / "resumed"
     run(_run_cfg(resumed, shards, "steps=2"))
@@ -35,10 +35,10 @@ def test_resume_mid_epoch_gives_the_same_batches_and_losses(tmp_path):
     # The batches themselves: the iterator restored from step 2's checkpoint yields batches 3 and 4.
     cfg = _run_cfg(tmp_path / "x", shards)
     data = ShardData.build(cfg.data)
-    it = data.train_iterator(4)
+    it = data.train_iterator(8)
     want = [it.next_local() for _ in range(4)][2:]
     extra = _extra(resumed / "checkpoints", 2)
-    again = data.train_iterator(4)
+    again = data.train_iterator(8)
     again.restore(extra["data"][0])
     for w in want:
         got = again.next_local()

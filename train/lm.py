@@ -243,7 +243,12 @@ def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path
     pidx, pcount = jax.process_index(), jax.process_count()
     primary = pidx == 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    data = LMData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
+    if cfg.data.source == "shards":  # tokenised array_record shards, read through grain
+        from chameleon_jax.data.grain_pipeline import ShardData
+
+        data = ShardData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
+    else:
+        data = LMData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
     cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image)
     if primary:
         configlib.save(cfg, run_dir / "config.json")

@@ -60,7 +60,7 @@ def _args(trainer: str, run_dir: Path, cache: Path, steps: int) -> list[str]:
     return ["preset=tiny", "checkpoint_interval=1", "keep_checkpoints=2", "log_interval=1", "eval_interval=0",
             "batch_size=8", "data.sequence.seq_len=128", "data.eval_split=", "peak_flops=1e12",
             "optim.warmup_steps=1", "optim.decay_steps=100", "data.train_examples=64", "data.interleaved_docs=16",
-            "data.vocab_corpus_docs=200", f"data.cache_dir={cache / 'codes'}", *common]
+            "data.vocab_corpus_docs=200", *common]
 
 
 def _start(trainer: str, args: list[str], log_path: Path) -> subprocess.Popen:

@@ -7,8 +7,10 @@ Every process sees `--local-devices` fake CPU devices; with several processes th
 through `train.lm.maybe_initialize_distributed` (gloo collectives on CPU) and train the
 `tiny` LM preset with the project's `Trainer` on one mesh spanning all of them.
 
-Data: the document stream is split into `--data-shards` sub-streams exactly as
-`LMData.train_iterator(rows, shard, shards)` splits it between processes; a process
+Data: the run tokenises the tiny preset's Shapes documents into `--run-dir/tokens/`
+(train.lm_inputs), or with `--tokenised` reads what an earlier run put there. The
+document stream is split into `--data-shards` sub-streams exactly as
+`ShardData.train_iterator(rows, shard, shards)` splits it between processes; a process
 reads only the shards it owns, and the global batch is assembled from the processes'
 rows with `lm_data.global_batch` (`jax.make_array_from_process_local_data`). One process
 owning every shard therefore sees the same global batch as two processes owning one
@@ -24,17 +26,20 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run-dir", required=True, help="vocabulary and image-code cache (shared by all processes)")
+    p.add_argument("--run-dir", required=True, help="tokenised documents and vocabulary (shared by all processes)")
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (several processes only)")
     p.add_argument("--local-devices", type=int, default=8, help="fake CPU devices in this process")
     p.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="mesh sizes over all processes' devices")
     p.add_argument("--data-shards", type=int, default=2, help="sub-streams the documents are split into")
+    p.add_argument("--tokenised", action="store_true",
+                   help="read the documents an earlier run tokenised into --run-dir instead of tokenising them")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=8, help="global batch (rows)")
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
@@ -56,14 +61,17 @@ def train(args) -> dict:
     import numpy as np
 
     from chameleon_jax import configlib
-    from chameleon_jax.lm_data import LMData, global_batch
+    from chameleon_jax.data.grain_pipeline import ShardData
+    from chameleon_jax.lm_data import global_batch
     from chameleon_jax.sharding import build_mesh
     from train import lm, lm_config
 
     overrides = [f"mesh.{item.strip()}" for item in args.mesh.split(",")] + [
         f"batch_size={args.batch}", f"steps={args.steps}", f"data.sequence.seq_len={args.seq}",
-        f"data.cache_dir={os.path.join(args.run_dir, 'codes')}", "data.sequence.overlong=split", "optim.warmup_steps=1", "progress=false",
+        "data.sequence.overlong=split", "optim.warmup_steps=1", "progress=false",
     ]
+    if args.tokenised:
+        overrides += ["data.source=shards", f"data.shards={os.path.join(args.run_dir, 'tokens', 'train')}"]
     if args.num_processes > 1:
         overrides += [f"coordinator_address=127.0.0.1:{args.port}", f"num_processes={args.num_processes}",
                       f"process_id={args.process_id}"]
@@ -73,7 +81,9 @@ def train(args) -> dict:
     pidx, pcount = jax.process_index(), jax.process_count()
     assert pcount == args.num_processes and jax.local_device_count() == args.local_devices, (
         pcount, jax.local_device_count())
-    data = LMData.build(cfg.data, run_dir=args.run_dir, vq_dir="", is_primary=pidx == 0)
+    from train.lm_inputs import prepare
+
+    data = ShardData.build(prepare(cfg, Path(args.run_dir)), vq_dir="", is_primary=pidx == 0)
     cfg = lm.resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image)
     mesh = build_mesh(cfg.mesh)
     trainer = lm.get_trainer(cfg, mesh)

@@ -74,13 +74,13 @@ def _finish(procs) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_devices(tmp_path):
-    # Runs first and alone: it also builds the vocabulary and image-code cache the others load.
+    # Runs first and alone: it also tokenises the documents (and trains the vocabulary) the others read.
     single = _finish([_start(tmp_path, "single", ["--num-processes", "1", "--local-devices", "8"])])[0]
 
     port = _free_port()
     procs = [
         _start(tmp_path, f"proc{i}", ["--num-processes", "2", "--process-id", str(i), "--port", str(port),
-                                      "--local-devices", "4"])
+                                      "--local-devices", "4", "--tokenised"])
         for i in range(2)
     ]
     multi = _finish(procs)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from chameleon_jax.data.documents import Document, Segment
-from chameleon_jax.lm_data import ColourGridTokenizer, ImageCodeCache, PackedIterator
+from chameleon_jax.data.grid_tokenizer import ColourGridTokenizer
 from chameleon_jax.sequence import (
     IMAGE,
     TEXT,
@@ -143,79 +143,12 @@ def test_overlong_drop_warns(vocab, caplog):
     assert "dropme" in caplog.text
 
 
-def _toy_stream(vocab):
-    texts = ["a red circle", "two stars", "a blue square on the left", "what colour is it? green"]
-
-    def encode(i):
-        rng = np.random.default_rng(i)
-        segs = [Segment(text=texts[int(rng.integers(4))])]
-        if rng.random() < 0.5:
-            segs.append(Segment(image=_image(i)))
-        return encode_document(Document(tuple(segs), meta={"id": i}), vocab, _codes, CFG)
-
-    return encode
-
-
-def test_packed_iterator_is_deterministic_and_resumes(vocab):
-    encode = _toy_stream(vocab)
-    it = PackedIterator(encode, 32, vocab.pad_id, "split", rows=4)
-    first = [it.next_local() for _ in range(3)]
-    again = PackedIterator(encode, 32, vocab.pad_id, "split", rows=4)
-    b0 = again.next_local()
-    state = again.state()
-    resumed = PackedIterator(encode, 32, vocab.pad_id, "split", rows=4)
-    resumed.restore(state)
-    b1, b2 = resumed.next_local(), resumed.next_local()
-    for k in first[0]:
-        np.testing.assert_array_equal(b0[k], first[0][k])
-        np.testing.assert_array_equal(b1[k], first[1][k])
-        np.testing.assert_array_equal(b2[k], first[2][k])
-    # Rows are well filled: greedy packing leaves at most one document's worth of padding per row.
-    assert (first[0]["segment_ids"] > 0).mean() > 0.6
-
-
-def test_processes_read_disjoint_documents(vocab):
-    seen = {0: [], 1: []}
-
-    def encode_for(p):
-        base = _toy_stream(vocab)
-
-        def encode(i):
-            seen[p].append(i)
-            return base(i)
-
-        return encode
-
-    for p in (0, 1):
-        PackedIterator(encode_for(p), 32, vocab.pad_id, "split", rows=2, process_index=p, process_count=2).next_local()
-    assert set(seen[0]).isdisjoint(seen[1])
-    assert all(i % 2 == 0 for i in seen[0]) and all(i % 2 == 1 for i in seen[1])
-
-
-def test_code_cache_round_trip_and_grid_tokenizer(tmp_path):
+def test_grid_tokenizer_codes_block_colours_and_paints_them_back():
     tok = ColourGridTokenizer(cells=4, levels=4)
-    images = [np.full((16, 16, 3), c, np.uint8) for c in (0, 85, 170, 255)]
-    cache = ImageCodeCache.build(tok, images, tmp_path / "codes.npz")
-    assert (tmp_path / "codes.npz").exists()
-    again = ImageCodeCache.build(None, [], tmp_path / "codes.npz")  # loaded, no encoder needed
-    for im in images:
-        np.testing.assert_array_equal(again(im), tok.encode(im[None])[0])
-        assert again(im).shape == (4, 4)
-    assert cache.misses == 0 and again.misses == 0
-    assert tok.decode(tok.encode(images[3][None]), 16)[0].min() == 255
-
-
-def test_code_cache_keys_survive_trailing_zero_bytes(tmp_path):
-    from chameleon_jax.lm_data import image_key
-
-    tok = ColourGridTokenizer(cells=2, levels=4)
-    seed = 0
-    while True:  # find an image whose hash ends in a zero byte (about 1 in 256)
-        im = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        if image_key(im)[-1] == 0:
-            break
-        seed += 1
-    ImageCodeCache.build(tok, [im], tmp_path / "c.npz")
-    again = ImageCodeCache.build(tok, [], tmp_path / "c.npz")
-    again(im)
-    assert again.misses == 0
+    images = np.stack([np.full((16, 16, 3), c, np.uint8) for c in (0, 85, 170, 255)])
+    codes = tok.encode(images)
+    assert codes.shape == (4, 4, 4) and tok.codebook_size == 64 and tok.codes_per_image == 16
+    assert [int(c[0, 0]) for c in codes] == [0, 21, 42, 63]  # grey level g is code (g * 4 + g) * 4 + g
+    np.testing.assert_array_equal(tok.decode(codes, 16), images)
+    with pytest.raises(ValueError, match="does not split into 4x4 cells"):
+        tok.encode(np.zeros((1, 10, 10, 3), np.uint8))

@@ -134,6 +134,31 @@ def test_shapes_mixture_tokenises_as_one_source(tmp_path):
     assert manifest["source"].startswith("shapes-train-32-16") and manifest["tokenizer"]["fingerprint"] == "grid4x4"
 
 
+def test_shapes_pictures_shared_by_documents_are_encoded_once_and_give_the_same_records(tmp_path):
+    kw = dict(source="shapes", shapes_docs=60, shapes_examples=8, shapes_backend="generate", interleaved_docs=2)
+    run(_cfg(**kw, out_dir=str(tmp_path / "memo")))
+    run(_cfg(**kw, out_dir=str(tmp_path / "plain"), code_memo_mib=0))
+    memo = json.loads((tmp_path / "memo" / "manifest-00000-of-00001.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "manifest-00000-of-00001.json").read_text())
+    assert plain["rates"]["pictures_encoded"] == plain["images"] == memo["images"]
+    # 8 example pictures and the 2 interleaved documents' pictures, each encoded once.
+    assert memo["rates"]["pictures_encoded"] < memo["images"] and memo["rates"]["pictures_encoded"] <= 8 + 2 * 8
+    for a, b in zip(read_records(ShardSet(tmp_path / "memo").paths), read_records(ShardSet(tmp_path / "plain").paths)):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.weights, b.weights)
+
+
+def test_code_memo_drops_the_least_recently_used_codes_past_its_budget():
+    from chameleon_jax.data.picture_codes import CodeMemo
+
+    memo = CodeMemo(budget_bytes=2 * 16)  # two pictures of 4 int32 codes
+    a, b, c = (np.full((2, 2), v, np.int32) for v in (1, 2, 3))
+    memo.put("a", a), memo.put("b", b)
+    assert memo.get("a") is a  # "a" is now the most recent
+    memo.put("c", c)
+    assert memo.get("b") is None and memo.get("a") is a and memo.get("c") is c
+
+
 def test_processes_write_disjoint_shards_whose_union_is_the_source(tmp_path):
     folder = _picture_folder(tmp_path / "pics", 7)
     for p in (0, 1):

@@ -80,19 +80,19 @@ def _compare(straight: Path, resumed: Path, steps: int) -> None:
         np.testing.assert_array_equal(x, y)
 
 
-def _lm_args(run_dir, cache, steps):
-    return [f"run_dir={run_dir}", f"data.cache_dir={cache}", "batch_size=8", "data.sequence.seq_len=128",
+def _lm_args(run_dir, steps):
+    return [f"run_dir={run_dir}", "batch_size=8", "data.sequence.seq_len=128",
             "log_interval=1", "checkpoint_interval=25", "eval_interval=0", "data.eval_split=", "peak_flops=1e12",
             "progress=false", "optim.warmup_steps=1", "optim.decay_steps=100", "data.train_examples=64",
             "data.interleaved_docs=16", "data.vocab_corpus_docs=200", f"steps={steps}"]
 
 
 def test_lm_sigterm_saves_the_step_in_flight_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    steps, cache = 30, tmp_path / "cache"
+    steps = 30
     resumed = tmp_path / "resumed"
-    _stop_with_sigterm("train.lm", _lm_args(resumed, cache, steps), resumed, interval=25)
-    train_lm.run(configlib.apply_overrides(tiny(), _lm_args(resumed, cache, steps)))
-    straight = train_lm.run(configlib.apply_overrides(tiny(), _lm_args(tmp_path / "straight", cache, steps)))
+    _stop_with_sigterm("train.lm", _lm_args(resumed, steps), resumed, interval=25)
+    train_lm.run(configlib.apply_overrides(tiny(), _lm_args(resumed, steps)))
+    straight = train_lm.run(configlib.apply_overrides(tiny(), _lm_args(tmp_path / "straight", steps)))
     _compare(straight, resumed, steps)
 
 

@@ -7,7 +7,8 @@
 or from Python: `train.lm.run(cfg) -> run_dir`. A run directory holds
 
     config.json          the resolved LMTrainConfig
-    vocab/               the text vocabulary trained on first use
+    tokens/              with data.source=shapes or jsonl: the documents tokenised at start,
+                         and the text vocabulary trained on them (train.lm_inputs)
     checkpoints/<step>/  orbax: train state + the data iterator's position
     metrics.jsonl, tb/   per-step metrics (loss, text_loss, image_loss, tokens/s, MFU, ...)
     metrics.json         headline figures; loss_curve.png
@@ -186,7 +187,7 @@ def export_model(run_dir: Path, trainer, state, cfg: LMTrainConfig, data) -> Pat
             tok_out.mkdir(parents=True, exist_ok=True)
             (tok_out / "README.txt").write_text(
                 "This model was trained with the colour-grid stand-in image tokenizer "
-                f"(chameleon_jax.lm_data.ColourGridTokenizer, cells={data.cfg.grid_cells}, "
+                f"(chameleon_jax.data.grid_tokenizer.ColourGridTokenizer, cells={data.cfg.grid_cells}, "
                 f"levels={data.cfg.grid_levels}); no VQ model was used.\n"
             )
     return out
@@ -233,7 +234,8 @@ def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path
     enable_compilation_cache(cfg.compilation_cache_dir)
     from tqdm.auto import tqdm
 
-    from chameleon_jax.lm_data import LMData, global_batch
+    from chameleon_jax.data.grain_pipeline import ShardData
+    from chameleon_jax.lm_data import global_batch
     from chameleon_jax.prefetch import Prefetcher
     from chameleon_jax.transformer import flops_per_token
     from train.checkpointing import Checkpointer
@@ -243,12 +245,9 @@ def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path
     pidx, pcount = jax.process_index(), jax.process_count()
     primary = pidx == 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.data.source == "shards":  # tokenised array_record shards, read through grain
-        from chameleon_jax.data.grain_pipeline import ShardData
+    from train.lm_inputs import prepare
 
-        data = ShardData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
-    else:
-        data = LMData.build(cfg.data, run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
+    data = ShardData.build(prepare(cfg, run_dir), run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
     cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image)
     if primary:
         configlib.save(cfg, run_dir / "config.json")
@@ -258,8 +257,6 @@ def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path
     it = data.train_iterator(cfg.batch_size, pidx, pcount)
     depth = cfg.data.prefetch if cfg.data.prefetch >= 0 else (0 if jax.devices()[0].platform == "cpu" else 2)
     if depth:
-        # Built here, before the prefetch thread runs, so that documents are only ever encoded by one thread.
-        data.eval_local_batches(cfg.batch_size, pidx, pcount)
         it = Prefetcher(it, depth)
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoint)
 

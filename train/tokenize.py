@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
+from chameleon_jax.data.documents import DataError
 
 log = logging.getLogger("train.tokenize")
 
@@ -75,6 +76,9 @@ class TokenizeConfig:
     chunk_docs: int = param(256, "documents decoded and encoded together (bounds memory)")
     encode_batch: int = param(256, "pictures per encoder call (split over the local devices)")
     decode_threads: int = param(4, "threads decoding and resizing pictures")
+    code_memo_mib: int = param(
+        256, "memory for the codes of pictures that recur under one key (Shapes documents share pictures): each "
+             "is encoded once while it fits; 0 = encode every occurrence")
     skip_bad: bool = param(False, "finish (exit 0, write the manifest) although some documents could not be read")
     num_processes: int = param(0, "processes of a multi-process job; 0 = jax.process_count()")
     process_id: int = param(-1, "this process's index; -1 = jax.process_index()")
@@ -85,8 +89,30 @@ class TokenizeConfig:
 PRESETS = {"default": TokenizeConfig}
 
 
-class BadDocumentsError(RuntimeError):
-    """Some documents could not be read (listed in the report); skip_bad=true finishes without them."""
+class BadDocumentsError(DataError):
+    """Some documents could not be read (listed in the report); skip_bad=true finishes without them.
+
+    `bad`: [{"file": where, "reason": why}, ...] for every one of them."""
+
+    def __init__(self, message: str, bad: list[dict]):
+        super().__init__(message)
+        self.bad = bad
+
+
+def describe_bad(bad: dict) -> str:
+    """One bad document as 'where: why' (the reason often names the place already)."""
+    return bad["reason"] if bad["reason"].startswith(bad["file"]) else f"{bad['file']}: {bad['reason']}"
+
+
+def shapes_mixture(cfg: TokenizeConfig, image_size: int):
+    """The Shapes task mixture the shapes_* and *_weight fields describe (an endless document stream)."""
+    from chameleon_jax.data.shapes.mixture import ShapesMixture
+
+    weights = {"caption": cfg.caption_weight, "t2i": cfg.t2i_weight, "vqa": cfg.vqa_weight,
+               "interleaved": cfg.interleaved_weight}
+    return ShapesMixture(cfg.shapes_split, image_size, weights, seed=cfg.seed, examples=cfg.shapes_examples,
+                         backend=cfg.shapes_backend, interleaved_docs=cfg.interleaved_docs,
+                         two_object_share=cfg.two_object_share)
 
 
 def open_source(cfg: TokenizeConfig, image_size: int | None):
@@ -94,14 +120,9 @@ def open_source(cfg: TokenizeConfig, image_size: int | None):
     from chameleon_jax.data import sources
 
     if cfg.source == "shapes":
-        from chameleon_jax.data.shapes.mixture import ShapesDocuments, ShapesMixture
+        from chameleon_jax.data.shapes.mixture import ShapesDocuments
 
-        weights = {"caption": cfg.caption_weight, "t2i": cfg.t2i_weight, "vqa": cfg.vqa_weight,
-                   "interleaved": cfg.interleaved_weight}
-        mix = ShapesMixture(cfg.shapes_split, image_size, weights, seed=cfg.seed, examples=cfg.shapes_examples,
-                            backend=cfg.shapes_backend, interleaved_docs=cfg.interleaved_docs,
-                            two_object_share=cfg.two_object_share)
-        return ShapesDocuments(mix, cfg.shapes_docs)
+        return ShapesDocuments(shapes_mixture(cfg, image_size), cfg.shapes_docs)
     if not cfg.input:
         raise configlib.ConfigError(f"source={cfg.source} needs input=...")
     if cfg.source == "jsonl":
@@ -117,7 +138,8 @@ def open_source(cfg: TokenizeConfig, image_size: int | None):
 
 def image_tokenizer(cfg: TokenizeConfig) -> tuple[Any, dict[str, Any]]:
     """(tokenizer, its description for the manifest)."""
-    from chameleon_jax.lm_data import ColourGridTokenizer, tokenizer_fingerprint
+    from chameleon_jax.data.grid_tokenizer import ColourGridTokenizer
+    from chameleon_jax.lm_data import tokenizer_fingerprint
 
     if not cfg.vq_dir:
         log.warning("no vq_dir given: pictures are tokenised by the colour-grid stand-in (smoke tests only)")
@@ -198,7 +220,7 @@ class _Progress:
         return {"docs_per_s": self.docs / dt, "images_per_s": self.images / dt, "seconds": dt}
 
 
-def _shard_records(items, cfg, encoder, vocab, seq_cfg, pool, info, progress):
+def _shard_records(items, cfg, encoder, memo, vocab, seq_cfg, pool, info, progress):
     """Yields the records of one shard's items, chunk by chunk; fills `info` (counts, bad documents)."""
     from chameleon_jax.data.shards import encode_record
     from chameleon_jax.sequence import encode_document
@@ -213,13 +235,14 @@ def _shard_records(items, cfg, encoder, vocab, seq_cfg, pool, info, progress):
         chunk = items[start: start + cfg.chunk_docs]
         loaded = [f.result() for f in ahead]
         ahead = submit(starts[n + 1]) if n + 1 < len(starts) else []
-        pictures = [im for _, ims, _ in loaded if ims for im in ims]
-        codes = iter(encoder.encode(pictures))
+        per_doc = memo.encode(encoder, [(doc.meta.get("picture_keys"), ims) for doc, ims, _ in loaded if doc])
+        per_doc = iter(per_doc)
         n_images = 0
         for item, (doc, ims, error) in zip(chunk, loaded):
             if error is not None:
                 info["bad"].append({"file": item.where, "reason": error})
                 continue
+            codes = iter(next(per_doc))
             enc = encode_document(doc, vocab, lambda _: next(codes), seq_cfg, name=item.where)
             info["documents"] += 1
             info["images"] += len(ims)
@@ -229,12 +252,15 @@ def _shard_records(items, cfg, encoder, vocab, seq_cfg, pool, info, progress):
         progress.update(len(chunk), n_images)
 
 
-def run(cfg: TokenizeConfig) -> Path:
-    """Tokenises this process's share of the source into cfg.out_dir; returns the folder."""
+def run(cfg: TokenizeConfig, source=None) -> Path:
+    """Tokenises this process's share of the source into cfg.out_dir; returns the folder.
+
+    source: the document source when the caller has opened it already (it must be the one `cfg` names,
+    since the manifest records cfg); None = open it from cfg."""
     import jax
 
     from chameleon_jax.data import shards
-    from chameleon_jax.data.picture_codes import PictureEncoder
+    from chameleon_jax.data.picture_codes import CodeMemo, PictureEncoder
     from chameleon_jax.sequence import SequenceConfig
 
     if cfg.coordinator_address:
@@ -251,7 +277,8 @@ def run(cfg: TokenizeConfig) -> Path:
 
     tok, tok_info = image_tokenizer(cfg)
     encoder = PictureEncoder(tok, cfg.encode_batch, cfg.image_size)
-    source = open_source(cfg, encoder.image_size)
+    memo = CodeMemo(cfg.code_memo_mib * 2**20)
+    source = open_source(cfg, encoder.image_size) if source is None else source
     vocab = vocabulary(cfg, source, out, int(tok.codebook_size), primary=p == 0)
     seq_cfg = SequenceConfig(text_weight=cfg.text_weight, image_weight=cfg.image_weight)
 
@@ -282,7 +309,7 @@ def run(cfg: TokenizeConfig) -> Path:
         info = shards.shard_done(path)
         if info is None:
             info = {"file": path.name, "documents": 0, "images": 0, "tokens": 0, "bad": []}
-            shards.write_shard(path, _shard_records(items, cfg, encoder, vocab, seq_cfg, pool, info, progress), info)
+            shards.write_shard(path, _shard_records(items, cfg, encoder, memo, vocab, seq_cfg, pool, info, progress), info)
         else:
             progress.update(len(items), 0)
         done.append(info)
@@ -307,14 +334,15 @@ def run(cfg: TokenizeConfig) -> Path:
     counts = {key: sum(info[key] for info in done) for key in ("documents", "images", "tokens")}
     rates = progress.rates()
     shards.write_json_atomic(out / shards.report_name(p, P), {"bad_documents": len(bad), "bad": bad, **counts})
-    log.info("process %d/%d: %d documents, %d pictures, %d tokens in %d shards; %.0f docs/s, %.0f pictures/s",
-             p, P, counts["documents"], counts["images"], counts["tokens"], len(done), rates["docs_per_s"],
-             rates["images_per_s"])
+    rates["pictures_encoded"] = memo.misses  # the rest recurred under a key and were encoded once
+    log.info("process %d/%d: %d documents, %d pictures (%d encoded), %d tokens in %d shards; %.0f docs/s, "
+             "%.0f pictures/s", p, P, counts["documents"], counts["images"], memo.misses, counts["tokens"], len(done),
+             rates["docs_per_s"], rates["images_per_s"])
     if bad and not cfg.skip_bad:
         raise BadDocumentsError(
-            f"{len(bad)} document(s) could not be read, e.g. {bad[0]['file']}: {bad[0]['reason']}; all are listed in "
+            f"{len(bad)} document(s) could not be read, e.g. {describe_bad(bad[0])}; all are listed in "
             f"{out / shards.report_name(p, P)}. Fix them and rerun (finished shards are kept), or rerun with "
-            "skip_bad=true to finish without them")
+            "skip_bad=true to finish without them", bad)
     manifest = {"format": shards.FORMAT, "version": shards.VERSION, "process": p, "processes": P,
                 "shards": [{k2: info[k2] for k2 in ("file", "documents", "images", "tokens")} for info in done],
                 **counts, "bad_documents": len(bad), "tokenizer": tok_info, "vocab_fingerprint": vocab.fingerprint(),
@@ -328,7 +356,6 @@ def main(argv=None) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     argv = sys.argv[1:] if argv is None else argv
 
-    from chameleon_jax.data.documents import DataError
     from chameleon_jax.data.shards import ShardError
 
     def go():

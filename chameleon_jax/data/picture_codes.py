@@ -78,3 +78,65 @@ class PictureEncoder:
         self.tokenizer.check_images(chunk)
         codes = self._jitted(self._state, jax.device_put(chunk, self._in_sharding))
         return np.asarray(jax.device_get(codes), np.int32)[:m]
+
+
+class CodeMemo:
+    """Codes of pictures a source names by key, kept up to a byte budget (least recently used dropped first).
+
+    A source whose documents share pictures (the Shapes tasks ask several questions of one
+    picture) names them in `Document.meta["picture_keys"]`, one key per picture, so each
+    is encoded once while it stays in the memo. Pictures without keys are always encoded.
+    """
+
+    def __init__(self, budget_bytes: int):
+        from collections import OrderedDict
+
+        self.budget = int(budget_bytes)
+        self._codes: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        self._bytes = 0
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> np.ndarray | None:
+        codes = self._codes.get(key)
+        if codes is not None:
+            self._codes.move_to_end(key)
+        return codes
+
+    def put(self, key: str, codes: np.ndarray) -> None:
+        if self.budget <= 0 or key in self._codes:
+            return
+        self._codes[key] = codes
+        self._bytes += codes.nbytes
+        while self._bytes > self.budget:
+            _, old = self._codes.popitem(last=False)
+            self._bytes -= old.nbytes
+
+    def encode(self, encoder: "PictureEncoder", docs_pictures: Sequence[tuple[Sequence[str] | None, list]]) -> list:
+        """[(keys or None, pictures)] per document -> [codes of each picture] per document; each picture not in
+        the memo is encoded once, in one encoder call for the whole list."""
+        todo: list[np.ndarray] = []
+        where: dict[str, int] = {}  # key -> its row in `todo`
+        plan: list[list] = []
+        for keys, pictures in docs_pictures:
+            if keys is None or len(keys) != len(pictures) or self.budget <= 0:
+                keys = [None] * len(pictures)
+            slots = []
+            for key, picture in zip(keys, pictures):
+                known = self.get(key) if key is not None else None
+                if known is not None:
+                    slots.append(known)
+                    self.hits += 1
+                elif key is not None and key in where:
+                    slots.append(where[key])
+                    self.hits += 1
+                else:
+                    if key is not None:
+                        where[key] = len(todo)
+                    slots.append(len(todo))
+                    todo.append(picture)
+                    self.misses += 1
+            plan.append(slots)
+        codes = encoder.encode(todo) if todo else None
+        for key, row in where.items():
+            self.put(key, codes[row])
+        return [[codes[s] if isinstance(s, int) else s for s in slots] for slots in plan]

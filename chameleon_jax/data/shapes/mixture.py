@@ -9,6 +9,7 @@ a generator seeded by (seed, split, i), so the stream is infinite and reproducib
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Mapping
 
@@ -71,16 +72,21 @@ class ShapesMixture:
         self._keep_one_object = one_object_keep(two_object_share)
 
     def document(self, index: int) -> Document:
+        """Document `index` of the stream. Its meta["picture_keys"] name its pictures within the split
+        (an example's picture recurs in many documents), so a tokeniser can encode each picture once."""
         rng = np.random.default_rng([self.seed, self._split_code, index])
         task = self.tasks[int(rng.choice(len(self.tasks), p=self.probs))]
         if task == "interleaved":
-            return self.interleaved[int(rng.integers(len(self.interleaved)))]
-        example = self._example(rng, skew=task != "caption")
-        if task == "caption":
-            return self.shapes.caption_document(example, rng)
-        if task == "t2i":
-            return self.shapes.t2i_document(example, rng)
-        return self.shapes.vqa_document(example, rng)
+            j = int(rng.integers(len(self.interleaved)))
+            doc = self.interleaved[j]
+            keys = tuple(f"{self.name}/interleaved{j}/{k}" for k in range(len(doc.images)))
+        else:
+            example = self._example(rng, skew=task != "caption")
+            make = {"caption": self.shapes.caption_document, "t2i": self.shapes.t2i_document,
+                    "vqa": self.shapes.vqa_document}[task]
+            doc = make(example, rng)
+            keys = (f"{self.name}/{int(example['index'])}",)
+        return dataclasses.replace(doc, meta={**doc.meta, "picture_keys": keys})
 
     def _example(self, rng: np.random.Generator, skew: bool) -> dict:
         """A uniformly drawn example; with `skew`, one-object pictures are skipped with chance 1 - keep."""

@@ -1,0 +1,139 @@
+"""What train.lm reads: Shapes and JSON Lines documents tokenised into the run once, then packed through grain."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chameleon_jax import configlib
+from chameleon_jax.data.grain_pipeline import ShardData
+from chameleon_jax.data.shards import decode_record
+from chameleon_jax.lm_data import LMDataConfig
+from chameleon_jax.sequence import IMAGE, TEXT, OverlongDocumentError
+from train import lm_config
+from train.lm_inputs import prepare
+
+
+def _train_cfg(tmp_path, steps=4, **data):
+    base = {"shapes_backend": "generate", "train_examples": 32, "eval_examples": 16, "interleaved_docs": 8,
+            "vocab_corpus_docs": 200, "grid_cells": 4, "eval_batches": 1}
+    cfg = lm_config.tiny()
+    cfg = configlib.from_dict(type(cfg), {**configlib.to_dict(cfg), "steps": steps, "batch_size": 4,
+                                          "run_dir": str(tmp_path / "run"), "progress": False})
+    d = configlib.from_dict(LMDataConfig, {**configlib.to_dict(cfg.data), **base, **data})
+    return configlib.from_dict(type(cfg), {**configlib.to_dict(cfg), "data": configlib.to_dict(d)})
+
+
+def _shard_data(cfg, run):
+    return ShardData.build(prepare(cfg, run), vq_dir=cfg.vq_dir)
+
+
+def test_shapes_documents_are_tokenised_into_the_run_once_and_packed(tmp_path):
+    cfg = _train_cfg(tmp_path, sequence={"seq_len": 128, "overlong": "split"})
+    run = tmp_path / "run"
+    data_cfg = prepare(cfg, run)
+    assert data_cfg.source == "shards" and data_cfg.shards == str(run / "tokens" / "train")
+    assert (run / "tokens" / "train" / "vocab" / "vocab.json").exists()
+    data = ShardData.build(data_cfg)
+    v = data.vocab
+    assert v.codebook_size == 4 ** 3
+    # The draw covers one pass of the run: steps x batch rows of seq_len tokens.
+    manifest = json.loads((run / "tokens" / "train" / "manifest-00000-of-00001.json").read_text())
+    assert manifest["tokens"] >= cfg.steps * cfg.batch_size * 128
+
+    batch = data.train_iterator(4).next_local()
+    assert batch["tokens"].shape == (4, 128)
+    toks, w, mod = batch["tokens"], batch["loss_weights"], batch["modality"]
+    image_targets = batch["targets"][mod == IMAGE]  # codes and the closing <eoi>
+    assert (v.image_token_mask[image_targets] | (image_targets == v.eoi_id)).all()
+    assert not v.image_token_mask[batch["targets"][(mod == TEXT) & (batch["segment_ids"] > 0)]].any()
+    assert (toks == v.boi_id).any() and (w > 0).any() and (w == 0).any()
+    assert len(data.eval_local_batches(4)) == 1
+
+    # A second run over the same folder reuses the shards (nothing rewritten): same vocabulary, same batches.
+    shard = next((run / "tokens" / "train").glob("shard-*.array_record"))
+    written = shard.stat().st_mtime_ns
+    again = _shard_data(cfg, run)
+    assert shard.stat().st_mtime_ns == written
+    assert again.vocab.fingerprint() == v.fingerprint()
+    np.testing.assert_array_equal(again.train_iterator(4).next_local()["tokens"], toks)
+    # A longer run over the same folder keeps the tokenised set (and reads it again in a new order).
+    assert _shard_data(configlib.apply_overrides(cfg, ["steps=40"]), run).train_sets[0].directory == shard.parent
+
+
+def test_a_run_folder_tokenised_with_other_settings_is_named_not_reused(tmp_path):
+    cfg = _train_cfg(tmp_path)
+    prepare(cfg, tmp_path / "run")
+    other = configlib.apply_overrides(cfg, ["data.caption_weight=3.0"])
+    with pytest.raises(configlib.ConfigError, match=r"tokens/train holds training documents .*caption_weight"):
+        prepare(other, tmp_path / "run")
+
+
+def test_jsonl_documents_mask_prompts_and_an_overlong_one_is_named(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), colour).save(folder / f"im{i}.png")
+    lines = [
+        {"segments": [{"image": "im0.png", "target": False}, {"text": "a red picture"}], "task": "caption"},
+        {"segments": [{"text": "draw blue", "target": False}, {"image": "im1.png"}], "task": "t2i"},
+        {"segments": [{"text": "a blue picture " * 40}]},
+    ]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    cfg = _train_cfg(tmp_path, source="jsonl", jsonl_train=str(folder / "train.jsonl"), grid_cells=2,
+                     sequence={"seq_len": 48, "overlong": "error"})
+    data = _shard_data(cfg, tmp_path / "run")
+    source = data.train_sets[0].data_source()
+    docs = {d.name: d for d in (decode_record(source[i]) for i in range(3))}
+    assert len(docs) == 3 and not data.eval_sets
+    caption = next(d for name, d in docs.items() if name.endswith(":1"))
+    v = data.vocab
+    boi = caption.ids.tolist().index(v.boi_id)
+    assert (caption.weights[: boi + 6] == 0).all()  # <bos>, the prompt picture (2x2 codes) and its markers
+    assert caption.ids[boi + 5] == v.eoi_id and (caption.weights[boi + 6:] == 1).all()
+    it = data.train_iterator(2)
+    with pytest.raises(OverlongDocumentError, match=r"train\.jsonl:3"):
+        for _ in range(3):
+            it.next_local()
+
+
+def test_two_object_share_reweights_training_t2i_and_vqa_only():
+    from chameleon_jax.data.shapes.mixture import ShapesMixture
+
+    def share(split, two_object_share=0.0, tasks=("t2i", "vqa")):
+        src = ShapesMixture(split, 32, {"caption": 1, "t2i": 1, "vqa": 1}, examples=200, backend="generate",
+                            two_object_share=two_object_share)
+        docs = [src.document(i) for i in range(600)]
+        return np.mean([len(d.meta["objects"]) == 2 for d in docs if d.task in tasks])
+
+    assert 0.5 < share("train") < 0.7
+    assert share("train", 0.9) > 0.85
+    assert 0.5 < share("train", 0.9, tasks=("caption",)) < 0.7  # captions keep the split's mix
+    assert share("train", 1.0) == 1.0
+    with pytest.raises(ValueError, match="two_object_share=0.3"):
+        share("train", 0.3)
+
+
+def test_validation_documents_keep_their_split_mix_and_share_the_vocabulary(tmp_path):
+    from train.lm_inputs import tokenize_configs
+
+    cfg = _train_cfg(tmp_path, two_object_share=0.9)
+    train, val = tokenize_configs(cfg, tmp_path / "run")
+    assert train.two_object_share == 0.9 and val.two_object_share == 0.0
+    assert val.shapes_split == "validation" and val.seed == train.seed + 1
+    assert val.vocab_dir == str(tmp_path / "run" / "tokens" / "train" / "vocab")
+
+
+def test_shapes_image_size_follows_the_tokenizer_and_names_a_mismatch():
+    from types import SimpleNamespace
+
+    from chameleon_jax.data.grid_tokenizer import ColourGridTokenizer
+    from chameleon_jax.lm_data import shapes_image_size
+
+    tok32 = SimpleNamespace(image_size=32)
+    assert shapes_image_size(LMDataConfig(), tok32, "runs/vq") == 32
+    assert shapes_image_size(LMDataConfig(image_size=32), tok32, "runs/vq") == 32
+    assert shapes_image_size(LMDataConfig(), ColourGridTokenizer(), "") == 64
+    with pytest.raises(ValueError, match=r"data.image_size=64 .* runs/vq reads 32 px"):
+        shapes_image_size(LMDataConfig(image_size=64), tok32, "runs/vq")

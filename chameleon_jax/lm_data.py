@@ -65,7 +65,7 @@ class LMDataConfig:
     text_vocab_size: int = param(512, "upper bound on sentencepiece pieces trained from the training text")
     vocab_dir: str = param("", "use this saved vocabulary instead of training one (e.g. an imported Chameleon one)")
     vocab_corpus_docs: int = param(4000, "training documents whose text trains the sentencepiece model")
-    encode_batch: int = param(64, "pictures per VQ encode call while tokenising (source=shapes or jsonl)")
+    encode_batch: int = param(256, "pictures per VQ encode call while tokenising (source=shapes or jsonl)")
     grid_cells: int = param(8, "no vq_dir: the stand-in colour-grid tokenizer's cells per side")
     grid_levels: int = param(4, "no vq_dir: the stand-in tokenizer's levels per colour channel")
     eval_batches: int = param(4, "validation batches per evaluation (a fixed set, same every time)")

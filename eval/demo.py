@@ -8,7 +8,9 @@ run unless `overwrite=true`, and an evaluation is redone when its inputs change)
   1. data        build the Shapes splits; score the judge on ground-truth pictures
   2. vq          train the image tokenizer                    -> <run_dir>/vq/
   3. vq_eval     PSNR, SSIM, codebook use, judge on reconstructions
-  4. lm          train the sentencepiece vocabulary and the transformer -> <run_dir>/lm/
+  4. lm          tokenise the Shapes tasks once into array_record shards (and train the
+                 sentencepiece vocabulary on them), then train the transformer on the shards
+                 through grain                                -> <run_dir>/lm/ (tokens/ inside)
   5. caption, vqa, t2i, interleaved, perplexity   the evaluations -> <run_dir>/eval/
   6. report      <run_dir>/metrics.json (flat headline figures) and <run_dir>/report.html
 """
@@ -194,7 +196,7 @@ def run(cfg: DemoConfig) -> Path:
         cfg.lm, run_dir=str(run_dir / "lm"), vq_dir=str(vq_dir), overwrite=cfg.overwrite,
         data=dataclasses.replace(cfg.lm.data, image_size=cfg.image_size),
     )
-    _banner("lm: vocabulary and transformer training")
+    _banner("lm: tokenise the Shapes tasks, train the vocabulary and the transformer")
     lm_dir = train_lm.run(lm_cfg)
     model_dir = lm_dir / "model"
 

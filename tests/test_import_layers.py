@@ -1,5 +1,6 @@
 """The packages' layering: the library never imports the entry points, the image tokenizer
-stands alone, and no two modules import each other (at any depth, lazily or not)."""
+stands alone, only the Shapes package knows Shapes, and no two modules import each other
+(at any depth, lazily or not)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ def test_library_never_imports_train_or_eval():
 def test_vqvae_never_imports_chameleon_jax():
     bad = {mod: sorted(m for m in deps if m.split(".")[0] != "vqvae")
            for mod, deps in project_modules().items() if mod.split(".")[0] == "vqvae"}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
+def test_the_library_knows_documents_not_the_shapes_data_set():
+    shapes = "chameleon_jax.data.shapes"
+    bad = {mod: sorted(m for m in deps if m == shapes or m.startswith(shapes + "."))
+           for mod, deps in project_modules().items()
+           if mod.split(".")[0] == "chameleon_jax" and not (mod == shapes or mod.startswith(shapes + "."))}
     assert {k: v for k, v in bad.items() if v} == {}
 
 

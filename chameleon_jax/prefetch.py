@@ -3,7 +3,7 @@
 A training step on an accelerator takes a few milliseconds; packing a batch of
 documents in Python takes tens. `Prefetcher` keeps up to `depth` batches ready
 so the two overlap. It wraps any resumable iterator with `next_local()`,
-`state()` and `restore(state)` (such as `lm_data.PackedIterator`) and keeps its
+`state()` and `restore(state)` (such as `grain_pipeline.GrainBatches`) and keeps its
 contract: `state()` is the state after the last batch *handed out*, not after
 the last one built, so a checkpoint taken mid-run resumes at exactly the next
 batch the training loop would have seen. The batches are the same, in the same

@@ -104,7 +104,7 @@ def encode_document(
     """A `Document` -> token ids with per-token weights and modalities (see the module table).
 
     `image_codes(image_hw3_uint8) -> int codes [h, w]` tokenises one image (usually a
-    lookup in the pre-computed code cache).
+    call of the picture encoder, or a lookup of codes computed beforehand).
     """
     ids: list[np.ndarray] = [np.array([vocab.bos_id], np.int32)]
     weights: list[np.ndarray] = [np.zeros((1,), np.float32)]

@@ -5,7 +5,8 @@
 Every process builds the same steered tiny model (tests/test_generation_mesh.py) on a
 data=2, fsdp=2, tensor=2 mesh over all processes' devices, takes its contiguous share
 of the PROMPTS (uneven: 3 and 2 of 5) and generates them; it writes its own outputs
-and the outputs gathered from every process to `--out` as JSON.
+and the outputs gathered from every process to `--out` as JSON. `generate_share` is the
+same computation for a process that has already set up jax (the test's own one-process run).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ def main(argv=None):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, repo)
 
-    from chameleon_jax.config import MeshConfig
     from chameleon_jax.generation.distributed import DistributedConfig, maybe_initialize
 
     if args.num_processes > 1:
@@ -37,6 +37,19 @@ def main(argv=None):
                                            num_processes=args.num_processes, process_id=args.process_id))
     import jax
 
+    result = generate_share()
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    if args.num_processes > 1:
+        jax.distributed.shutdown()
+
+
+def generate_share() -> dict:
+    """This process's share of the prompts generated on the mesh over every process's devices:
+    {"process_count", "devices", "local": {call: rows}, "gathered": {call: all processes' rows}}."""
+    import jax
+
+    from chameleon_jax.config import MeshConfig
     from chameleon_jax.generation.placement import gather_token_lists
     from chameleon_jax.pipeline import Pipeline
     from tests.test_generation_fixtures import PatchTokenizer
@@ -47,14 +60,10 @@ def main(argv=None):
     mine = prompts[jax.process_index() * per : (jax.process_index() + 1) * per]
     pipe = Pipeline.from_parts(steered_model(), VOCAB, PatchTokenizer(), mesh=MeshConfig(data=2, fsdp=2, tensor=2))
     local = run_calls(pipe, mine)
-    result = {
+    return {
         "process_count": jax.process_count(), "devices": jax.device_count(), "local": local,
         "gathered": {k: gather_token_lists(v) for k, v in local.items()},
     }
-    with open(args.out, "w") as f:
-        json.dump(result, f)
-    if args.num_processes > 1:
-        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -7,4 +7,6 @@ source .ci/python_env.sh
 "$PY" -m pip install -q "torch==2.13.0"      # CPU build; only the Hugging Face comparison tests use it
 "$PY" -m pip install -q -e ".[dev,hf]"
 export JAX_PLATFORMS=cpu
-"$PY" -m pytest -n 2 --dist loadfile "$@"
+# One file per worker at a time (module fixtures and compiled programs are shared within a
+# file), in collection order: conftest.py puts the files with slow tests first.
+"$PY" -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"

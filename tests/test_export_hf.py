@@ -86,18 +86,24 @@ def exported(request, tmp_path_factory):
     return model, vocab, src, root / "hf"
 
 
+@pytest.fixture(scope="module")
+def exported_in_transformers(exported):
+    """The exported directory loaded by transformers (once per exported model), and its loading info."""
+    from transformers import ChameleonForConditionalGeneration
+
+    hf, info = ChameleonForConditionalGeneration.from_pretrained(exported[3], output_loading_info=True)
+    return hf.eval(), info
+
+
 def hf_logits(hf, ids: np.ndarray) -> np.ndarray:
     """Logits straight from lm_head (HF's forward overwrites image-token logits)."""
     with torch.no_grad():
         return hf.lm_head(hf.model(input_ids=torch.as_tensor(ids)).last_hidden_state).float().numpy()
 
 
-def test_exported_model_gives_our_logits_in_transformers(exported):
-    from transformers import ChameleonForConditionalGeneration
-
-    model, vocab, _, hf_dir = exported
-    hf, info = ChameleonForConditionalGeneration.from_pretrained(hf_dir, output_loading_info=True)
-    hf.eval()
+def test_exported_model_gives_our_logits_in_transformers(exported, exported_in_transformers):
+    model, vocab, _, _ = exported
+    hf, info = exported_in_transformers
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     # Text, specials and image codes together.
     ids = np.random.default_rng(0).integers(0, vocab.size, (2, 13))
@@ -125,12 +131,11 @@ def test_exported_tokenizer_gives_our_ids(exported):
     assert config["vocabulary_map"]["<image>"] == vocab.size  # the first embedding row no token uses
 
 
-def test_exported_image_encoder_gives_our_image_tokens(exported):
+def test_exported_image_encoder_gives_our_image_tokens(exported, exported_in_transformers):
     import vqvae
-    from transformers import ChameleonForConditionalGeneration
 
-    _, vocab, src, hf_dir = exported
-    hf = ChameleonForConditionalGeneration.from_pretrained(hf_dir).eval()
+    _, vocab, src, _ = exported
+    hf, _ = exported_in_transformers
     images = np.random.default_rng(1).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     codes = np.asarray(vqvae.load_tokenizer(src / "tokenizer").encode(images)).reshape(3, -1)
     pixels = torch.as_tensor(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)

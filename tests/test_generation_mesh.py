@@ -66,6 +66,7 @@ def test_reference_calls_write_text_an_image_and_text_again(single_device):
     assert len({tuple(r) for r in single_device["image"]}) == len(PROMPTS)  # sampled: the rows differ
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MESHES))
 def test_mesh_generates_the_single_device_tokens(name, single_device):
     pipe = Pipeline.from_parts(steered_model(), VOCAB, PatchTokenizer(), mesh=MESHES[name])
@@ -73,6 +74,7 @@ def test_mesh_generates_the_single_device_tokens(name, single_device):
     assert run_calls(pipe) == single_device
 
 
+@pytest.mark.slow
 def test_greedy_jacobi_image_decoding_on_a_mesh_gives_the_single_device_sequential_tokens():
     kw = dict(modality="any", max_new_tokens=IMAGE_AT + K + 6, cfg_image_scale=1.5, cfg_text_scale=2.0,
               temperature=0.0, image_temperature=0.0)

@@ -147,6 +147,7 @@ def sequential_pictures():
     return codes
 
 
+@pytest.mark.slow
 def test_jacobi_sampling_draws_pictures_with_the_sequential_law(sequential_pictures):
     parallel = sample_pictures("jacobi")
     assert chi_square_excess(sequential_pictures[:, :3], parallel[:, :3]) < 1  # the first three codes jointly
@@ -155,6 +156,7 @@ def test_jacobi_sampling_draws_pictures_with_the_sequential_law(sequential_pictu
     assert not (parallel == sequential_pictures).all(axis=1).all()  # other draws, the same law
 
 
+@pytest.mark.slow
 def test_the_check_catches_a_rule_that_keeps_every_draft(sequential_pictures, monkeypatch):
     monkeypatch.setattr(jacobi, "accept_drafts", lambda u, p_x, q_x: jnp.ones(u.shape, bool))
     jax.clear_caches()  # the loop must be traced again with the wrong rule

@@ -59,6 +59,7 @@ def test_tfds_pictures_stream(tmp_path):
     assert len(ds) == 6 and ds[3].shape == (16, 16, 3) and int(ds[3][0, 0, 0]) == 120
 
 
+@pytest.mark.slow
 def test_vq_training_streams_a_folder_with_random_crops(tmp_path):
     for i, pic in enumerate(_pictures(8)):
         Image.fromarray(pic).save(tmp_path / f"{i}.jpg")

@@ -71,6 +71,7 @@ def test_ring_is_used_only_where_the_rules_split_tokens():
             assert sequence_split((4, 63, 4, 16), (4, 63, 2, 16)) is None  # 63 tokens do not split 4 ways
 
 
+@pytest.mark.slow
 def test_train_step_with_sequence_parallelism_matches_one_device():
     _, _, ref, _ = _losses(shd.build_mesh(MeshConfig(), devices=jax.devices()[:1]), steps=2)
     trainer, state, losses, _ = _losses(shd.build_mesh(MeshConfig(data=2, sequence=4)), steps=2)
@@ -78,6 +79,7 @@ def test_train_step_with_sequence_parallelism_matches_one_device():
     np.testing.assert_allclose(losses, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_train_lm_with_a_sequence_axis_resumes_exactly(tmp_path):
     """train.lm on a data=2 x sequence=4 mesh: stopping at step 2 and resuming gives the uninterrupted losses."""
     from tests.test_train_lm_resume import _losses as logged_losses, small_run

@@ -21,6 +21,7 @@ def _images(n, size, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_decode_equals_the_forward_reconstruction():
     """Codes carry everything: decode(encode(x)) is what the training forward pass reconstructs."""
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from chameleon_jax import configlib
 from train import lm as train_lm
@@ -87,6 +88,7 @@ def _lm_args(run_dir, steps):
             "data.interleaved_docs=16", "data.vocab_corpus_docs=200", f"steps={steps}"]
 
 
+@pytest.mark.slow
 def test_lm_sigterm_saves_the_step_in_flight_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
     steps = 30
     resumed = tmp_path / "resumed"

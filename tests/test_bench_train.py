@@ -1,7 +1,7 @@
 import json
 import math
 
-from eval import bench_train
+from eval.bench import train as bench_train
 
 
 def test_bench_train_reports_throughput_mfu_and_memory(tmp_path, capsys):

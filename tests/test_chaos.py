@@ -1,6 +1,6 @@
 """kill -9 at random moments, during checkpoint writes too: the run ends exactly as an uninterrupted one."""
 
-from eval.chaos import ChaosConfig, chaos
+from eval.bench.chaos import ChaosConfig, chaos
 
 
 def test_killed_and_restarted_run_equals_an_uninterrupted_one(tmp_path):

@@ -1,10 +1,10 @@
 """Train-step throughput: tokens/s, achieved FLOP/s and MFU against this machine's dense-matmul peak.
 
-    python -m eval.bench_train                         # the `small` model
-    python -m eval.bench_train preset=tiny batch_size=16 seq_len=256 model.dtype=bfloat16
-    python -m eval.bench_train cpu_devices=0          # the devices as XLA_FLAGS gives them
-    python -m eval.bench_train model.attention_impl=xla seq_len=2048 batch_size=4 model.max_seq_len=2048
-    python -m eval.bench_train seq_len=8192 batch_size=1 model.max_seq_len=8192 mesh.data=1 mesh.sequence=2
+    python -m eval.bench.train                         # the `small` model
+    python -m eval.bench.train preset=tiny batch_size=16 seq_len=256 model.dtype=bfloat16
+    python -m eval.bench.train cpu_devices=0          # the devices as XLA_FLAGS gives them
+    python -m eval.bench.train model.attention_impl=xla seq_len=2048 batch_size=4 model.max_seq_len=2048
+    python -m eval.bench.train seq_len=8192 batch_size=1 model.max_seq_len=8192 mesh.data=1 mesh.sequence=2
 
 MFU = model FLOPs per token (transformer.flops_per_token: 6N + attention, forward
 and backward) x tokens/s / peak FLOP/s. The peak is measured in the same process

@@ -1,8 +1,8 @@
 """Inference memory plan: bytes per device of the sharded decode loop, from abstract shapes only.
 
-    python -m eval.plan --mode generate --preset chameleon-34b --mesh tensor=8 --batch 16 --context 4096 \\
+    python -m eval.bench.plan --mode generate --preset chameleon-34b --mesh tensor=8 --batch 16 --context 4096 \\
         --accelerator h100
-    python -m eval.plan --mode generate --preset small --mesh data=2,tensor=4 --batch 8 --context 384 --compile
+    python -m eval.bench.plan --mode generate --preset small --mesh data=2,tensor=4 --batch 8 --context 384 --compile
 
 Per device, for generation on the mesh with the training rules table (`generation/placement.py`):
 
@@ -38,8 +38,8 @@ from typing import Any
 
 from chameleon_jax import configlib
 from chameleon_jax.config import MeshConfig, ModelConfig
-from eval import accelerators
-from eval.plan_common import DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, mesh_sizes
+from eval.bench import accelerators
+from eval.bench.plan_common import DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, mesh_sizes
 
 STREAMS = {"none": 1, "two": 2, "three": 3}
 
@@ -303,7 +303,7 @@ def render_generate(plan: dict[str, Any], preset: str, xla: dict[str, Any] | Non
 
 
 def main(args, cfg: ModelConfig, mesh_cfg: MeshConfig) -> None:
-    """`python -m eval.plan --mode generate ...` (arguments parsed by eval.plan)."""
+    """`python -m eval.bench.plan --mode generate ...` (arguments parsed by eval.bench.plan)."""
     import sys
 
     context = args.context or cfg.max_seq_len

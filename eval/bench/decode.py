@@ -1,6 +1,6 @@
 """Decode speed: the compiled loop against Hugging Face transformers' `generate`, same weights.
 
-    python -m eval.bench_decode [presets=tiny,small] [batches=1,8] [new_tokens=128] [out=bench.json]
+    python -m eval.bench.decode [presets=tiny,small] [batches=1,8] [new_tokens=128] [out=bench.json]
 
 For each model preset (random weights) a Hugging Face `ChameleonForConditionalGeneration`
 of the same shape is built, saved with `save_pretrained` beside a small Chameleon-style
@@ -45,7 +45,7 @@ TEXT_CHARS = "abcdefghijklmnopqrstuvwxyz ,.!?'0123456789"
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """What `python -m eval.bench_decode` measures."""
+    """What `python -m eval.bench.decode` measures."""
 
     presets: tuple[str, ...] = param(("tiny", "small"), "model presets to compare with Hugging Face")
     batches: tuple[int, ...] = param((1, 8), "batch sizes (rows generated together)")

@@ -1,15 +1,15 @@
 """One-accelerator performance check: training MFU and decode speed against the chip's limits.
 
-    python -m eval.gpu_check              # on one H100/H200/TPU: a few minutes
-    python -m eval.gpu_check --smoke      # tiny shapes, seconds, any machine (the CPU test runs this)
+    python -m eval.bench.gpu_check              # on one H100/H200/TPU: a few minutes
+    python -m eval.bench.gpu_check --smoke      # tiny shapes, seconds, any machine (the CPU test runs this)
 
 Prints one JSON object on stdout (progress goes to stderr):
 
 - train: the project's sharded `Trainer` step (forward, backward, AdamW) on the
-  `chameleon-1b` preset (eval.plan.EXTRA_PRESETS) at bfloat16 compute, float32 parameters,
+  `chameleon-1b` preset (eval.bench.plan.EXTRA_PRESETS) at bfloat16 compute, float32 parameters,
   with a real sequence length, synthetic packed rows, timed after warmup. MFU = model
   FLOPs per token (`transformer.flops_per_token`: 6N + attention) x tokens/s / the chip's
-  peak dense bf16 FLOP/s (eval.accelerators); also against a bf16 matmul measured here.
+  peak dense bf16 FLOP/s (eval.bench.accelerators); also against a bf16 matmul measured here.
   The memory planner's estimate for the same step sits beside the device's peak bytes.
 - decode: a 7B-shaped model (`chameleon-7b` shapes, random bf16 weights; its stacked layers
   unstacked first, as generation does, unless `--decode-stacked`) decoding one
@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 from chameleon_jax import configlib
 from chameleon_jax.config import MeshConfig, ModelConfig
-from eval import accelerators, plan
+from eval.bench import accelerators, plan
 
 
 def log(msg: str) -> None:
@@ -271,7 +271,7 @@ SMOKE = Shapes("tiny", ("dtype=bfloat16", "param_dtype=float32", "remat_policy=s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes (seconds on a CPU); checks the script, not the chip")
     p.add_argument("--accelerator", default=None,
                    help="spec to compare against (default: detected from the device kind; none on CPU)")

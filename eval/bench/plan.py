@@ -1,10 +1,10 @@
 """Memory planner: bytes per device of one training step, from abstract shapes only.
 
-    python -m eval.plan --preset chameleon-7b --mesh fsdp=8 --batch 8 --seq 4096 --accelerator v5p
-    python -m eval.plan --preset chameleon-34b --mesh data=2,fsdp=16,tensor=2 --batch 32 --seq 4096 --remat full
-    python -m eval.plan --preset chameleon-7b --mesh fsdp=16,sequence=8 --batch 16 --seq 32768 --set max_seq_len=32768
-    python -m eval.plan --preset tiny --mesh data=2,fsdp=2,tensor=2 --batch 16 --seq 128 --compile   # + XLA's figures
-    python -m eval.plan ... --json                                                                    # machine output
+    python -m eval.bench.plan --preset chameleon-7b --mesh fsdp=8 --batch 8 --seq 4096 --accelerator v5p
+    python -m eval.bench.plan --preset chameleon-34b --mesh data=2,fsdp=16,tensor=2 --batch 32 --seq 4096 --remat full
+    python -m eval.bench.plan --preset chameleon-7b --mesh fsdp=16,sequence=8 --batch 16 --seq 32768 --set max_seq_len=32768
+    python -m eval.bench.plan --preset tiny --mesh data=2,fsdp=2,tensor=2 --batch 16 --seq 128 --compile   # + XLA's figures
+    python -m eval.bench.plan ... --json                                                                    # machine output
 
 Nothing is allocated: the project's `Trainer` builds its state with `jax.eval_shape`
 on an `AbstractMesh`, and every leaf's per-device shard comes from the real model's
@@ -43,8 +43,8 @@ from typing import Any, Sequence
 
 from chameleon_jax import configlib
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig, chameleon_ffn_dim
-from eval import accelerators
-from eval.plan_common import (  # noqa: F401  (also offered here, as the planner always did)
+from eval.bench import accelerators
+from eval.bench.plan_common import (  # noqa: F401  (also offered here, as the planner always did)
     DTYPE_BYTES, MESH_AXES, _count, _gib, _path_str, _table, abstract_mesh, mesh_sizes, parse_mesh,
 )
 
@@ -56,7 +56,7 @@ from eval.plan_common import (  # noqa: F401  (also offered here, as the planner
 
 def _chameleon_1b() -> ModelConfig:
     """A ~1.1B-parameter model of the Chameleon family (Llama-style widths, 64K vocabulary),
-    sized for one accelerator: used by eval.gpu_check to measure training MFU."""
+    sized for one accelerator: used by eval.bench.gpu_check to measure training MFU."""
     return ModelConfig(
         vocab_size=65536, hidden_dim=2048, num_layers=16, num_heads=16, num_kv_heads=16, head_dim=128,
         ffn_dim=chameleon_ffn_dim(2048), max_seq_len=4096, qk_norm="shared", swin_norm=False, dropout=0.0,
@@ -559,7 +559,7 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.plan", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.bench.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="chameleon-7b", help=f"model preset: {', '.join(presets())}")
     p.add_argument("--mesh", default="fsdp=8", help="mesh sizes, e.g. data=2,fsdp=16,tensor=2 (unnamed sizes are 1; "
                                                   "dcn_data=... for multi-slice)")
@@ -579,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--brief", action="store_true", help="leave out the per-parameter and per-tensor tables")
     p.add_argument("--mode", choices=["train", "generate"], default="train",
-                   help="plan a train step, or generation (eval.plan_generate: --context, --prompt-len, --guidance)")
+                   help="plan a train step, or generation (eval.bench.plan_generate: --context, --prompt-len, --guidance)")
     p.add_argument("--context", type=int, default=None, help="generate: KV cache length (default: max_seq_len)")
     p.add_argument("--prompt-len", type=int, default=None, help="generate: prompt tokens prefilled (default: context/2)")
     p.add_argument("--guidance", choices=["none", "two", "three"], default="none",
@@ -609,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = resolve_model(args)
     mesh_cfg = parse_mesh(args.mesh)
     if args.mode == "generate":
-        from eval import plan_generate
+        from eval.bench import plan_generate
 
         return plan_generate.main(args, cfg, mesh_cfg)
     seq = args.seq or cfg.max_seq_len

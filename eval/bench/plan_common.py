@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from typing import Any, Callable, Sequence
 
 from chameleon_jax import configlib
 from chameleon_jax.checkpoint import path_str
 from chameleon_jax.config import MeshConfig
 from eval.bench import accelerators
-from eval.bench.synthetic import set_cpu_devices
+from eval.bench.synthetic import jax_started, set_cpu_devices
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -74,13 +73,13 @@ def shard_bytes(shape, logical_axes, rules, mesh, itemsize: int) -> int:
 def compile_backend(args, mesh_cfg: MeshConfig) -> str | None:
     """With --compile: the backend XLA compiles for here, else None.
 
-    Before jax starts, asks for as many CPU devices as the mesh has (unless XLA_FLAGS already
-    names a count) and defaults JAX_PLATFORMS to the CPU, so the estimate and the compiled
-    program describe the same backend.
+    Before jax's first device query, asks for as many CPU devices as the mesh has (unless
+    XLA_FLAGS already names a count) and defaults JAX_PLATFORMS to the CPU, so the estimate
+    and the compiled program describe the same backend.
     """
     if not args.compile:
         return None
-    if "jax" not in sys.modules:
+    if not jax_started():
         if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
             set_cpu_devices(math.prod(mesh_sizes(mesh_cfg, args.devices).values()))
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

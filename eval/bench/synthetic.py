@@ -12,14 +12,27 @@ from chameleon_jax import configlib
 from chameleon_jax.config import ModelConfig
 
 
+def jax_started() -> bool:
+    """Whether XLA's backends exist: importing jax does not create them, the first device query does,
+    and XLA_FLAGS is read then."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # no way to tell: assume the worst
+        return True
+
+
 def set_cpu_devices(n: int) -> None:
-    """Asks XLA for `n` host devices; must run before jax is imported (a no-op off CPU).
+    """Asks XLA for `n` host devices; must run before jax's first device query (a no-op off CPU).
 
     Once jax has started on the CPU with another count, that is a config error: XLA cannot be asked again.
     """
     if n <= 0:
         return
-    if "jax" in sys.modules:
+    if jax_started():
         import jax
 
         if jax.devices()[0].platform == "cpu" and jax.device_count() != n:

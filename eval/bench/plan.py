@@ -43,7 +43,7 @@ from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig, chamele
 from eval.bench import accelerators
 from eval.bench.plan_common import (
     DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, accelerator_fit, compile_backend, emit,
-    fits_table, local_mesh, memory_figures, mesh_sizes, parse_mesh, shard_bytes,
+    estimate_vs_xla, estimate_vs_xla_table, fits_table, local_mesh, memory_figures, mesh_sizes, parse_mesh, shard_bytes,
 )
 from eval.bench.synthetic import make_trainer
 
@@ -438,15 +438,22 @@ def compiled_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: int, seq: 
     return out
 
 
-def compare(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
-    """Ratios estimate / compiler for the two comparable quantities."""
+def compared(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
+    """The two quantities the estimate and the compiler both give: the state the step keeps, against
+    XLA's arguments less the batch; and what lives only during the step, against XLA's temporaries."""
     p = plan["bytes_per_device"]
     state = p["params"] + p["optimizer"] + p["other_state"]
     transient = p["gradients"] + p["gathered_weights"] + p["activations"]
     return {
-        "state_estimate_over_xla": state / max(xla["state_bytes"], 1),
-        "transient_estimate_over_xla_temp": transient / max(xla["temp_bytes"], 1),
+        "state_estimate_over_xla": ("state (params + optimizer + other)", state, xla["state_bytes"]),
+        "transient_estimate_over_xla_temp": ("transient (grads + gathered + activations)", transient,
+                                             xla["temp_bytes"]),
     }
+
+
+def compare(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
+    """Ratios estimate / compiler for the two comparable quantities."""
+    return estimate_vs_xla(compared(plan, xla))
 
 
 # --------------------------------------------------------------------------- output
@@ -485,12 +492,7 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None,
     rows = [[what[k], _gib(v)] for k, v in p.items()]
     rows.append(["total", _gib(plan["total_bytes_per_device"])])
     if xla is not None:
-        state = p["params"] + p["optimizer"] + p["other_state"]
-        transient = p["gradients"] + p["gathered_weights"] + p["activations"]
-        out += [_table([["state (params + optimizer + other)", _gib(state), _gib(xla["state_bytes"])],
-                        ["transient (grads + gathered + activations)", _gib(transient), _gib(xla["temp_bytes"])],
-                        ["peak", _gib(plan["total_bytes_per_device"]), _gib(xla["peak_bytes"])]],
-                       ["estimate vs compiler, per device", "estimate", f"XLA ({xla['backend']})"])]
+        out += [estimate_vs_xla_table(compared(plan, xla), plan, xla)]
         if xla["backend"] == "cpu" and m["dtype"] != "float32":
             out.append(f"(XLA:CPU computes {m['dtype']} in float32, so its transient figure runs high here)")
         out.append("")

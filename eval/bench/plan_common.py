@@ -138,6 +138,18 @@ def fits_table(plan: dict[str, Any], brief: bool) -> str:
     return _table(rows, ["accelerator", "memory", "used", "fits", ""])
 
 
+def estimate_vs_xla(pairs: dict[str, tuple[str, int, int]]) -> dict[str, float]:
+    """Ratios estimate / compiler, one per `key: (label, estimate bytes, XLA bytes)` pair."""
+    return {key: estimate / max(xla, 1) for key, (_, estimate, xla) in pairs.items()}
+
+
+def estimate_vs_xla_table(pairs: dict[str, tuple[str, int, int]], plan: dict[str, Any], xla: dict[str, Any]) -> str:
+    """The compared quantities side by side, then the whole estimate against XLA's peak."""
+    rows = [[label, _gib(estimate), _gib(x)] for label, estimate, x in pairs.values()]
+    rows.append(["peak", _gib(plan["total_bytes_per_device"]), _gib(xla["peak_bytes"])])
+    return _table(rows, ["estimate vs compiler, per device", "estimate", f"XLA ({xla['backend']})"])
+
+
 def emit(args, plan: dict[str, Any], xla: dict[str, Any] | None, render: Callable[..., str]) -> None:
     """Prints the plan: one JSON object with --json, else `render`'s tables."""
     if args.json:

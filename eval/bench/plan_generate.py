@@ -38,8 +38,8 @@ from chameleon_jax import configlib
 from chameleon_jax.config import MeshConfig, ModelConfig
 from eval.bench import accelerators
 from eval.bench.plan_common import (
-    DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, accelerator_fit, compile_backend, emit, fits_table,
-    local_mesh, memory_figures, mesh_sizes, shard_bytes,
+    DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, accelerator_fit, compile_backend, emit,
+    estimate_vs_xla, estimate_vs_xla_table, fits_table, local_mesh, memory_figures, mesh_sizes, shard_bytes,
 )
 from eval.bench.synthetic import abstract_model
 
@@ -222,15 +222,21 @@ def compiled_generate_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: i
     return {**memory_figures(lowered.compile()), "param_bytes": param_bytes}
 
 
-def compare_generate(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
-    """Ratios estimate / compiler: parameters against XLA's parameter arguments, and everything else
-    (cache, temporaries, loop arrays, gathered weights) against XLA's temporaries and outputs."""
+def compared(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
+    """Parameters against XLA's parameter arguments, and everything else (cache, temporaries, loop
+    arrays, gathered weights) against XLA's temporaries and outputs."""
     p = plan["bytes_per_device"]
+    transient = p["kv_cache"] + p["temporaries"] + p["loop_arrays"] + p["gathered_weights"]
     return {
-        "params_estimate_over_xla": p["params"] / max(xla["param_bytes"], 1),
-        "transient_estimate_over_xla": (p["kv_cache"] + p["temporaries"] + p["loop_arrays"] + p["gathered_weights"])
-        / max(xla["temp_bytes"] + xla["output_bytes"], 1),
+        "params_estimate_over_xla": ("parameters", p["params"], xla["param_bytes"]),
+        "transient_estimate_over_xla": ("KV cache + temporaries + loop arrays + gathered", transient,
+                                        xla["temp_bytes"] + xla["output_bytes"]),
     }
+
+
+def compare_generate(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
+    """Ratios estimate / compiler for the two comparable quantities."""
+    return estimate_vs_xla(compared(plan, xla))
 
 
 # --------------------------------------------------------------------------- output
@@ -261,12 +267,7 @@ def render_generate(plan: dict[str, Any], preset: str, xla: dict[str, Any] | Non
             "gathered_weights": "weights gathered over fsdp (prefill and loop)"}
     rows = [[what[k], _gib(v)] for k, v in p.items()] + [["total", _gib(plan["total_bytes_per_device"])]]
     if xla is not None:
-        transient = p["kv_cache"] + p["temporaries"] + p["loop_arrays"] + p["gathered_weights"]
-        out += [_table([["parameters", _gib(p["params"]), _gib(xla["param_bytes"])],
-                        ["KV cache + temporaries + loop arrays + gathered", _gib(transient),
-                         _gib(xla["temp_bytes"] + xla["output_bytes"])],
-                        ["peak", _gib(plan["total_bytes_per_device"]), _gib(xla["peak_bytes"])]],
-                       ["estimate vs compiler, per device", "estimate", f"XLA ({xla['backend']})"]), ""]
+        out += [estimate_vs_xla_table(compared(plan, xla), plan, xla), ""]
     out += [_table(rows, ["memory per device", "bytes"]), ""]
     out += [f"fits (estimate <= {100 * (1 - plan['reserve_fraction']):.0f}% of memory):", fits_table(plan, brief)]
     return "\n".join(out)

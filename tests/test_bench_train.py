@@ -1,7 +1,7 @@
 import json
 import math
 
-from eval import bench_train
+from eval.bench import train as bench_train
 
 
 def test_bench_train_reports_throughput_mfu_and_memory(tmp_path, capsys):
@@ -26,7 +26,9 @@ def test_bench_train_reports_throughput_mfu_and_memory(tmp_path, capsys):
 
 
 def test_synthetic_batch_packs_documents():
-    b = bench_train.synthetic_batch(2, 12, 50, 3)
+    from eval.bench.synthetic import synthetic_batch
+
+    b = synthetic_batch(2, 12, 50, 3)
     assert b["segment_ids"][0].tolist() == [1] * 4 + [2] * 4 + [3] * 4
     assert b["positions"][0].tolist() == [0, 1, 2, 3] * 3
     assert (b["targets"][:, :-1] == b["tokens"][:, 1:]).all()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval.chaos import ChaosConfig, chaos
+from eval.bench.chaos import ChaosConfig, chaos
 
 
 @pytest.mark.slow

@@ -181,7 +181,7 @@ def test_l2_codebook_exports_as_a_plain_one(tmp_path):
 def test_hf_import_then_export_gives_back_the_same_tensors(tmp_path):
     from safetensors.numpy import load_file
 
-    from eval.bench_decode import save_random_hf_chameleon
+    from eval.bench.decode import save_random_hf_chameleon
 
     cfg = ModelConfig(vocab_size=128, hidden_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       ffn_dim=64, max_seq_len=64)

@@ -60,6 +60,15 @@ def test_the_library_knows_documents_not_the_shapes_data_set():
     assert {k: v for k, v in bad.items() if v} == {}
 
 
+def test_evaluations_and_tools_import_nothing_of_each_other():
+    def tool(m: str) -> bool:
+        return m == "eval.bench" or m.startswith("eval.bench.")
+
+    bad = {mod: sorted(m for m in deps if m.startswith("eval.") and tool(m) != tool(mod))
+           for mod, deps in project_modules().items() if mod.startswith("eval.")}
+    assert {k: v for k, v in bad.items() if v} == {}
+
+
 def test_no_import_cycles():
     graph = project_modules()
     # A package's __init__ re-exporting its submodules is not a cycle with them.

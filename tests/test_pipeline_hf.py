@@ -18,7 +18,7 @@ def hf_and_ours(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from eval.bench_decode import save_random_hf_chameleon
+    from eval.bench.decode import save_random_hf_chameleon
 
     root = tmp_path_factory.mktemp("hf_import")
     cfg = ModelConfig(vocab_size=128, hidden_dim=32, num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16,

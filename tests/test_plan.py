@@ -20,7 +20,7 @@ from flax import nnx
 from chameleon_jax import configlib
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig
 from chameleon_jax.transformer import Block, count_params, remat_policy
-from eval import accelerators, plan
+from eval.bench import accelerators, plan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -184,7 +184,7 @@ def test_cli_rejects_bad_requests_with_a_config_error(argv, message):
 
 
 def test_cli_error_is_one_line_and_exit_status_2():
-    r = subprocess.run([sys.executable, "-m", "eval.plan", "--preset", "tiny", "--mesh", "data=2,fsdp=2",
+    r = subprocess.run([sys.executable, "-m", "eval.bench.plan", "--preset", "tiny", "--mesh", "data=2,fsdp=2",
                         "--batch", "6"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("config error:") and "does not split" in r.stderr

@@ -1,4 +1,4 @@
-"""The inference memory plan (`eval.plan --mode generate`): bookkeeping, and agreement with XLA."""
+"""The inference memory plan (`eval.bench.plan --mode generate`): bookkeeping, and agreement with XLA."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from chameleon_jax.config import MODEL_PRESETS
-from eval import plan, plan_generate
+from eval.bench import plan, plan_generate
 
 
 def test_34b_on_eight_way_tensor_splits_weights_and_cache_eight_ways(capsys):

@@ -1,4 +1,4 @@
-"""eval.gpu_check: its --smoke run on the CPU, and the decode traffic it divides by the bandwidth."""
+"""eval.bench.gpu_check: its --smoke run on the CPU, and the decode traffic it divides by the bandwidth."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from chameleon_jax.config import MODEL_PRESETS
 from chameleon_jax.transformer import count_params
-from eval import gpu_check
+from eval.bench import gpu_check
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def test_presets_used_by_the_check_have_the_intended_sizes():
 def test_smoke_run_prints_one_json_object(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one CPU device, as on a one-GPU machine
-    r = subprocess.run([sys.executable, "-m", "eval.gpu_check", "--smoke", "--out", str(tmp_path / "o.json")],
+    r = subprocess.run([sys.executable, "-m", "eval.bench.gpu_check", "--smoke", "--out", str(tmp_path / "o.json")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [l for l in r.stdout.splitlines() if l.strip()]

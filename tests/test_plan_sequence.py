@@ -6,7 +6,7 @@ import pytest
 
 from chameleon_jax import configlib
 from chameleon_jax.config import MODEL_PRESETS
-from eval import plan
+from eval.bench import plan
 
 
 def test_splash_on_tpu_drops_the_score_matrix_and_says_so():

@@ -1,15 +1,15 @@
 """One-accelerator performance check: training MFU and decode speed against the chip's limits.
 
-    python -m eval.gpu_check              # on one H100/H200/TPU: a few minutes
-    python -m eval.gpu_check --smoke      # tiny shapes, seconds, any machine (the CPU test runs this)
+    python -m eval.bench.gpu_check              # on one H100/H200/TPU: a few minutes
+    python -m eval.bench.gpu_check --smoke      # tiny shapes, seconds, any machine (the CPU test runs this)
 
 Prints one JSON object on stdout (progress goes to stderr):
 
 - train: the project's sharded `Trainer` step (forward, backward, AdamW) on the
-  `chameleon-1b` preset (eval.plan.EXTRA_PRESETS) at bfloat16 compute, float32 parameters,
+  `chameleon-1b` preset (eval.bench.plan.EXTRA_PRESETS) at bfloat16 compute, float32 parameters,
   with a real sequence length, synthetic packed rows, timed after warmup. MFU = model
   FLOPs per token (`transformer.flops_per_token`: 6N + attention) x tokens/s / the chip's
-  peak dense bf16 FLOP/s (eval.accelerators); also against a bf16 matmul measured here.
+  peak dense bf16 FLOP/s (eval.bench.accelerators); also against a bf16 matmul measured here.
   The memory planner's estimate for the same step sits beside the device's peak bytes.
 - decode: a 7B-shaped model (`chameleon-7b` shapes, random bf16 weights; its stacked layers
   unstacked first, as generation does, unless `--decode-stacked`) decoding one
@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 from chameleon_jax import configlib
 from chameleon_jax.config import MeshConfig, ModelConfig
-from eval import accelerators, plan
+from eval.bench import accelerators, plan, synthetic
 
 
 def log(msg: str) -> None:
@@ -61,25 +61,6 @@ def _device_peak_bytes() -> int | None:
 # --------------------------------------------------------------------------- training
 
 
-def synthetic_batch(rows: int, seq: int, vocab: int, seed: int = 0) -> dict[str, Any]:
-    """Random tokens in the training batch layout: two packed documents per row."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (rows, seq + 1)).astype(np.int32)
-    half = seq // 2
-    positions = np.concatenate([np.arange(half), np.arange(seq - half)]).astype(np.int32)
-    segments = np.concatenate([np.ones(half), 2 * np.ones(seq - half)]).astype(np.int32)
-    return {
-        "tokens": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "positions": np.tile(positions, (rows, 1)),
-        "segment_ids": np.tile(segments, (rows, 1)),
-        "loss_weights": np.ones((rows, seq), np.float32),
-        "modality": rng.integers(0, 2, (rows, seq)).astype(np.int8),
-    }
-
-
 def check_train(cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: int,
                 acc: accelerators.Accelerator | None) -> dict[str, Any]:
     import jax
@@ -87,17 +68,16 @@ def check_train(cfg: ModelConfig, *, batch: int, seq: int, steps: int, warmup: i
 
     from chameleon_jax.sharding import build_mesh
     from chameleon_jax.transformer import count_params, flops_per_token
-    from train.optim import OptimConfig, make_optimizer
-    from train.step import Trainer, dense_matmul_flops
+    from train.optim import OptimConfig
+    from train.step import dense_matmul_flops
 
     devices = jax.device_count()
     mesh_cfg = MeshConfig(data=-1, fsdp=1, tensor=1)
     estimate = plan.make_plan(cfg, mesh_cfg, batch=batch, seq=seq, num_devices=devices,
                               backend=jax.default_backend())
     mesh = build_mesh(mesh_cfg)
-    trainer = Trainer(cfg, make_optimizer(OptimConfig(warmup_steps=1), steps + warmup + 2), mesh, mesh_cfg.rules)
-    host = synthetic_batch(batch, seq, cfg.vocab_size)
-    data = {k: jax.device_put(v, trainer.batch_sharding(v.shape)) for k, v in host.items()}
+    trainer = synthetic.make_trainer(cfg, mesh, mesh_cfg.rules, OptimConfig(warmup_steps=1), steps + warmup + 2)
+    data = synthetic.device_batch(trainer, batch, seq)
 
     t0 = time.perf_counter()
     state = trainer.init_state()
@@ -271,7 +251,7 @@ SMOKE = Shapes("tiny", ("dtype=bfloat16", "param_dtype=float32", "remat_policy=s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.gpu_check", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.bench.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes (seconds on a CPU); checks the script, not the chip")
     p.add_argument("--accelerator", default=None,
                    help="spec to compare against (default: detected from the device kind; none on CPU)")

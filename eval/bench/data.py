@@ -1,7 +1,7 @@
 """Data-path figures: peak memory of tokenising and of loading at growing sizes, loader and encoder speed.
 
-    python -m eval.bench_data                            # 10k, 50k, 200k Shapes documents, 24 px pictures
-    python -m eval.bench_data sizes=2000,8000 out=/tmp/bench_data.json
+    python -m eval.bench.data                            # 10k, 50k, 200k Shapes documents, 24 px pictures
+    python -m eval.bench.data sizes=2000,8000 out=/tmp/bench_data.json
 
 For each size N: `python -m train.tokenize source=shapes shapes_docs=N` (24 px
 Shapes pictures drawn on access from `shapes_examples` examples, encoded by a VQ
@@ -11,7 +11,7 @@ reports its peak RSS and pictures/s; then another child reads the shards through
 the grain pipeline (chameleon_jax.data.grain_pipeline) in batches of the `small`
 preset (16 rows x 384 tokens) and reports its peak RSS and tokens/s. The loader's
 rate is set against what one `small` train step consumes per second on this
-machine (eval.bench_train, measured in a third child unless train_tokens_per_s is
+machine (eval.bench.train, measured in a third child unless train_tokens_per_s is
 given). Peak RSS should not grow with N: nothing holds the whole set.
 """
 
@@ -40,7 +40,7 @@ class BenchDataConfig:
     batch_rows: int = param(16, "rows per batch (the `small` preset's batch)")
     seq_len: int = param(384, "tokens per row (the `small` preset's)")
     workers: int = param(0, "grain worker processes of the loader")
-    train_tokens_per_s: float = param(0.0, "tokens/s of one `small` train step here; 0 = measure with eval.bench_train")
+    train_tokens_per_s: float = param(0.0, "tokens/s of one `small` train step here; 0 = measure with eval.bench.train")
     work_dir: str = param("", "folder for the shards; empty = a temporary folder (deleted)")
     out: str = param("", "also write the figures as JSON here")
 
@@ -117,7 +117,7 @@ def bench(cfg: BenchDataConfig) -> dict:
               f"{load['tokens_per_s']:9.0f} tokens/s", flush=True)
     train_tps = cfg.train_tokens_per_s
     if not train_tps:
-        bench_train = _child(["-c", "import json,sys; from eval.bench_train import bench, BenchTrainConfig; "
+        bench_train = _child(["-c", "import json,sys; from eval.bench.train import bench, BenchTrainConfig; "
                                     "r = bench(BenchTrainConfig(steps=3, warmup_steps=1)); "
                                     "print('RESULT', json.dumps(r))"])
         train_tps = bench_train["tokens_per_s"]

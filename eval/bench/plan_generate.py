@@ -1,8 +1,8 @@
 """Inference memory plan: bytes per device of the sharded decode loop, from abstract shapes only.
 
-    python -m eval.plan --mode generate --preset chameleon-34b --mesh tensor=8 --batch 16 --context 4096 \\
+    python -m eval.bench.plan --mode generate --preset chameleon-34b --mesh tensor=8 --batch 16 --context 4096 \\
         --accelerator h100
-    python -m eval.plan --mode generate --preset small --mesh data=2,tensor=4 --batch 8 --context 384 --compile
+    python -m eval.bench.plan --mode generate --preset small --mesh data=2,tensor=4 --batch 8 --context 384 --compile
 
 Per device, for generation on the mesh with the training rules table (`generation/placement.py`):
 
@@ -31,15 +31,17 @@ preset down with `--set num_layers=2` and a short `--context` for that.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any
 
 from chameleon_jax import configlib
 from chameleon_jax.config import MeshConfig, ModelConfig
-from eval import accelerators
-from eval.plan_common import DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, mesh_sizes
+from eval.bench import accelerators
+from eval.bench.plan_common import (
+    DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, accelerator_fit, compile_backend, emit,
+    estimate_vs_xla, estimate_vs_xla_table, fits_table, local_mesh, memory_figures, mesh_sizes, shard_bytes,
+)
+from eval.bench.synthetic import abstract_model
 
 STREAMS = {"none": 1, "two": 2, "three": 3}
 
@@ -50,15 +52,6 @@ def serving_config(cfg: ModelConfig, param_dtype: str | None) -> ModelConfig:
                                param_dtype=param_dtype or cfg.dtype)
 
 
-def _shard_bytes(shape, logical_axes, rules, mesh, itemsize: int) -> int:
-    from jax.sharding import NamedSharding
-
-    from chameleon_jax.sharding import logical_to_spec
-
-    spec = logical_to_spec(logical_axes, rules, shape, mesh)
-    return math.prod(NamedSharding(mesh, spec).shard_shape(tuple(shape))) * itemsize
-
-
 def parameter_leaves(cfg: ModelConfig, mesh, rules) -> list[dict[str, Any]]:
     """Every parameter of the serving model with its shard on `mesh` (nothing allocated)."""
     import jax
@@ -66,10 +59,8 @@ def parameter_leaves(cfg: ModelConfig, mesh, rules) -> list[dict[str, Any]]:
     from flax import nnx
 
     from chameleon_jax.sharding import state_shardings
-    from chameleon_jax.transformer import Transformer
 
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
+    params = nnx.state(abstract_model(cfg), nnx.Param)
     shardings = state_shardings(params, mesh, rules)
     leaves = jax.tree_util.tree_leaves_with_path(params)
     out = []
@@ -93,7 +84,7 @@ def temporaries(cfg: ModelConfig, rows: int, prompt_len: int, context: int, mesh
     d, n, k, h, f, v = cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
 
     def size(shape, axes, itemsize):
-        return _shard_bytes(shape, axes, rules, mesh, itemsize)
+        return shard_bytes(shape, axes, rules, mesh, itemsize)
 
     btd = ("activation_batch", "activation_length", "activation_embed")
     btn = ("activation_batch", "activation_length", "activation_heads", None)
@@ -142,10 +133,10 @@ def make_generate_plan(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: int, co
     leaves = parameter_leaves(cfg, mesh, rules)
     cache_shape = (rows, cfg.num_kv_heads, context, cfg.head_dim)
     c = DTYPE_BYTES[cfg.dtype]
-    cache = 2 * cfg.num_layers * _shard_bytes(cache_shape, CACHE_AXES, rules, mesh, c)
+    cache = 2 * cfg.num_layers * shard_bytes(cache_shape, CACHE_AXES, rules, mesh, c)
     limit = context - prompt_len
-    loop_arrays = (_shard_bytes((rows, prompt_len), ("cache_batch", None), rules, mesh, 5)  # int32 ids + bool mask
-                   + _shard_bytes((prompts, limit), ("cache_batch", None), rules, mesh, 4))
+    loop_arrays = (shard_bytes((rows, prompt_len), ("cache_batch", None), rules, mesh, 5)  # int32 ids + bool mask
+                   + shard_bytes((prompts, limit), ("cache_batch", None), rules, mesh, 4))
 
     def parts_for(backend: str) -> tuple[dict[str, int], dict]:
         kernel = resolve_implementation(cfg.attention_impl, cfg.dtype, cfg.head_dim, backend)
@@ -163,9 +154,7 @@ def make_generate_plan(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: int, co
 
     def fit(a: accelerators.Accelerator) -> dict[str, Any]:
         needed = total if a.backend == backend else sum(parts_for(a.backend)[0].values())
-        usable = a.memory_bytes * (1 - reserve)
-        return {"accelerator": a.name, "memory_bytes": a.memory_bytes, "usable_bytes": int(usable),
-                "bytes_per_device": needed, "fits": needed <= usable, "fraction_of_memory": needed / a.memory_bytes}
+        return accelerator_fit(a, needed, reserve)
 
     return {
         "mode": "generate",
@@ -202,19 +191,12 @@ def compiled_generate_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: i
 
     from chameleon_jax.generation import decode, guidance as guidance_lib, modes, placement
     from chameleon_jax.generation.sampling import SamplingParams
-    from chameleon_jax.sharding import build_mesh, state_shardings
-    from chameleon_jax.transformer import Transformer
+    from chameleon_jax.sharding import state_shardings
 
     cfg = serving_config(cfg, param_dtype)
-    sizes = mesh_sizes(mesh_cfg, None)
-    need = math.prod(sizes.values())
-    if jax.device_count() < need:
-        raise configlib.ConfigError(
-            f"--compile needs {need} devices for mesh {sizes}, this process has {jax.device_count()} "
-            f"(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={need} before starting)")
-    mesh = build_mesh(mesh_cfg, jax.devices()[:need])
+    mesh = local_mesh(mesh_cfg)
     place = placement.Placement.of(mesh, mesh_cfg.rules)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_model(cfg))
     shardings = state_shardings(state, mesh, place.rules)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
 
@@ -235,25 +217,26 @@ def compiled_generate_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: i
         state, tables, sds((rows, prompt_len), jnp.int32, place.rows((rows, prompt_len))),
         sds((rows, prompt_len), jnp.bool_, place.rows((rows, prompt_len))), params, scalar(jnp.int32),
         loop=decode._decode_loop.__wrapped__, graphdef=graphdef, spec=spec, placement=place)
-    m = lowered.compile().memory_analysis()
     param_bytes = sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
                       for a, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
-    out = {"backend": jax.default_backend(), "argument_bytes": int(m.argument_size_in_bytes),
-           "output_bytes": int(m.output_size_in_bytes), "alias_bytes": int(m.alias_size_in_bytes),
-           "temp_bytes": int(m.temp_size_in_bytes), "param_bytes": param_bytes}
-    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
-    return out
+    return {**memory_figures(lowered.compile()), "param_bytes": param_bytes}
+
+
+def compared(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
+    """Parameters against XLA's parameter arguments, and everything else (cache, temporaries, loop
+    arrays, gathered weights) against XLA's temporaries and outputs."""
+    p = plan["bytes_per_device"]
+    transient = p["kv_cache"] + p["temporaries"] + p["loop_arrays"] + p["gathered_weights"]
+    return {
+        "params_estimate_over_xla": ("parameters", p["params"], xla["param_bytes"]),
+        "transient_estimate_over_xla": ("KV cache + temporaries + loop arrays + gathered", transient,
+                                        xla["temp_bytes"] + xla["output_bytes"]),
+    }
 
 
 def compare_generate(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
-    """Ratios estimate / compiler: parameters against XLA's parameter arguments, and everything else
-    (cache, temporaries, loop arrays, gathered weights) against XLA's temporaries and outputs."""
-    p = plan["bytes_per_device"]
-    return {
-        "params_estimate_over_xla": p["params"] / max(xla["param_bytes"], 1),
-        "transient_estimate_over_xla": (p["kv_cache"] + p["temporaries"] + p["loop_arrays"] + p["gathered_weights"])
-        / max(xla["temp_bytes"] + xla["output_bytes"], 1),
-    }
+    """Ratios estimate / compiler for the two comparable quantities."""
+    return estimate_vs_xla(compared(plan, xla))
 
 
 # --------------------------------------------------------------------------- output
@@ -284,40 +267,16 @@ def render_generate(plan: dict[str, Any], preset: str, xla: dict[str, Any] | Non
             "gathered_weights": "weights gathered over fsdp (prefill and loop)"}
     rows = [[what[k], _gib(v)] for k, v in p.items()] + [["total", _gib(plan["total_bytes_per_device"])]]
     if xla is not None:
-        transient = p["kv_cache"] + p["temporaries"] + p["loop_arrays"] + p["gathered_weights"]
-        out += [_table([["parameters", _gib(p["params"]), _gib(xla["param_bytes"])],
-                        ["KV cache + temporaries + loop arrays + gathered", _gib(transient),
-                         _gib(xla["temp_bytes"] + xla["output_bytes"])],
-                        ["peak", _gib(plan["total_bytes_per_device"]), _gib(xla["peak_bytes"])]],
-                       ["estimate vs compiler, per device", "estimate", f"XLA ({xla['backend']})"]), ""]
+        out += [estimate_vs_xla_table(compared(plan, xla), plan, xla), ""]
     out += [_table(rows, ["memory per device", "bytes"]), ""]
-    fits = []
-    chosen = plan["accelerator"]
-    for f in ([chosen] if brief and chosen else plan["all_accelerators"]):
-        a = accelerators.ACCELERATORS[f["accelerator"]]
-        mark = "<-" if chosen and chosen["accelerator"] == a.name else ""
-        fits.append([a.name, a.memory_label, f"{100 * f['fraction_of_memory']:.0f}%", "yes" if f["fits"] else "NO", mark])
-    out += [f"fits (estimate <= {100 * (1 - plan['reserve_fraction']):.0f}% of memory):",
-            _table(fits, ["accelerator", "memory", "used", "fits", ""])]
+    out += [f"fits (estimate <= {100 * (1 - plan['reserve_fraction']):.0f}% of memory):", fits_table(plan, brief)]
     return "\n".join(out)
 
 
 def main(args, cfg: ModelConfig, mesh_cfg: MeshConfig) -> None:
-    """`python -m eval.plan --mode generate ...` (arguments parsed by eval.plan)."""
-    import sys
-
+    """`python -m eval.bench.plan --mode generate ...` (arguments parsed by eval.bench.plan)."""
     context = args.context or cfg.max_seq_len
-    if args.compile and "jax" not in sys.modules:
-        need = math.prod(mesh_sizes(mesh_cfg, args.devices).values())
-        if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                       + f" --xla_force_host_platform_device_count={need}").strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    backend = None
-    if args.compile:
-        import jax
-
-        backend = jax.default_backend()
+    backend = compile_backend(args, mesh_cfg)
     plan = make_generate_plan(cfg, mesh_cfg, batch=args.batch, context=context, prompt_len=args.prompt_len,
                               guidance=args.guidance, num_devices=args.devices, accelerator=args.accelerator,
                               backend=backend, param_dtype=args.param_dtype, reserve=args.reserve)
@@ -328,7 +287,4 @@ def main(args, cfg: ModelConfig, mesh_cfg: MeshConfig) -> None:
                                        param_dtype=args.param_dtype)
         plan["xla"] = xla
         plan["estimate_over_xla"] = compare_generate(plan, xla)
-    if args.json:
-        print(json.dumps({"preset": args.preset, **plan}))
-    else:
-        print(render_generate(plan, args.preset, xla, brief=args.brief))
+    emit(args, plan, xla, render_generate)

@@ -1,6 +1,6 @@
 """Decode speed: the compiled loop against Hugging Face transformers' `generate`, same weights.
 
-    python -m eval.bench_decode [presets=tiny,small] [batches=1,8] [new_tokens=128] [out=bench.json]
+    python -m eval.bench.decode [presets=tiny,small] [batches=1,8] [new_tokens=128] [out=bench.json]
 
 For each model preset (random weights) a Hugging Face `ChameleonForConditionalGeneration`
 of the same shape is built, saved with `save_pretrained` beside a small Chameleon-style
@@ -38,6 +38,7 @@ import numpy as np
 from chameleon_jax import configlib
 from chameleon_jax.config import MODEL_PRESETS, ModelConfig
 from chameleon_jax.configlib import param
+from eval.bench.plan_common import parse_mesh
 
 SPECIALS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 TEXT_CHARS = "abcdefghijklmnopqrstuvwxyz ,.!?'0123456789"
@@ -45,7 +46,7 @@ TEXT_CHARS = "abcdefghijklmnopqrstuvwxyz ,.!?'0123456789"
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
-    """What `python -m eval.bench_decode` measures."""
+    """What `python -m eval.bench.decode` measures."""
 
     presets: tuple[str, ...] = param(("tiny", "small"), "model presets to compare with Hugging Face")
     batches: tuple[int, ...] = param((1, 8), "batch sizes (rows generated together)")
@@ -269,13 +270,6 @@ def bench_images(cfg: BenchConfig, model_dir: Path) -> list[dict]:
 
 def print_row(row: dict) -> None:
     print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-
-
-def parse_mesh(text: str):
-    """'data=2 tensor=4' -> MeshConfig (unnamed in-slice sizes are 1)."""
-    from chameleon_jax.config import MeshConfig
-
-    return configlib.apply_overrides(MeshConfig(data=1, fsdp=1, tensor=1), text.replace(",", " ").split())
 
 
 def main(argv: list[str]) -> dict:

@@ -1,7 +1,7 @@
 """Kill a training run at random moments and check that it ends as an uninterrupted one.
 
-    python -m eval.chaos trainer=vqvae kills=6
-    python -m eval.chaos trainer=lm kills=6 seed=1
+    python -m eval.bench.chaos trainer=vqvae kills=6
+    python -m eval.bench.chaos trainer=lm kills=6 seed=1
 
 Runs the trainer's `tiny` preset once straight through, then in a second folder starts
 it, SIGKILLs it at a random moment (after 1-4 new metric rows, plus up to 0.3 s), and
@@ -37,7 +37,7 @@ import numpy as np
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """Memory planner: bytes per device of one training step, from abstract shapes only.
 
-    python -m eval.plan --preset chameleon-7b --mesh fsdp=8 --batch 8 --seq 4096 --accelerator v5p
-    python -m eval.plan --preset chameleon-34b --mesh data=2,fsdp=16,tensor=2 --batch 32 --seq 4096 --remat full
-    python -m eval.plan --preset chameleon-7b --mesh fsdp=16,sequence=8 --batch 16 --seq 32768 --set max_seq_len=32768
-    python -m eval.plan --preset tiny --mesh data=2,fsdp=2,tensor=2 --batch 16 --seq 128 --compile   # + XLA's figures
-    python -m eval.plan ... --json                                                                    # machine output
+    python -m eval.bench.plan --preset chameleon-7b --mesh fsdp=8 --batch 8 --seq 4096 --accelerator v5p
+    python -m eval.bench.plan --preset chameleon-34b --mesh data=2,fsdp=16,tensor=2 --batch 32 --seq 4096 --remat full
+    python -m eval.bench.plan --preset chameleon-7b --mesh fsdp=16,sequence=8 --batch 16 --seq 32768 --set max_seq_len=32768
+    python -m eval.bench.plan --preset tiny --mesh data=2,fsdp=2,tensor=2 --batch 16 --seq 128 --compile   # + XLA's figures
+    python -m eval.bench.plan ... --json                                                                    # machine output
 
 Nothing is allocated: the project's `Trainer` builds its state with `jax.eval_shape`
 on an `AbstractMesh`, and every leaf's per-device shard comes from the real model's
@@ -35,18 +35,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
-import sys
 from typing import Any, Sequence
 
 from chameleon_jax import configlib
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig, chameleon_ffn_dim
-from eval import accelerators
-from eval.plan_common import (  # noqa: F401  (also offered here, as the planner always did)
-    DTYPE_BYTES, MESH_AXES, _count, _gib, _path_str, _table, abstract_mesh, mesh_sizes, parse_mesh,
+from eval.bench import accelerators
+from eval.bench.plan_common import (
+    DTYPE_BYTES, _count, _gib, _path_str, _table, abstract_mesh, accelerator_fit, compile_backend, emit,
+    estimate_vs_xla, estimate_vs_xla_table, fits_table, local_mesh, memory_figures, mesh_sizes, parse_mesh, shard_bytes,
 )
+from eval.bench.synthetic import make_trainer
 
 
 
@@ -56,7 +55,7 @@ from eval.plan_common import (  # noqa: F401  (also offered here, as the planner
 
 def _chameleon_1b() -> ModelConfig:
     """A ~1.1B-parameter model of the Chameleon family (Llama-style widths, 64K vocabulary),
-    sized for one accelerator: used by eval.gpu_check to measure training MFU."""
+    sized for one accelerator: used by eval.bench.gpu_check to measure training MFU."""
     return ModelConfig(
         vocab_size=65536, hidden_dim=2048, num_layers=16, num_heads=16, num_kv_heads=16, head_dim=128,
         ffn_dim=chameleon_ffn_dim(2048), max_seq_len=4096, qk_norm="shared", swin_norm=False, dropout=0.0,
@@ -86,14 +85,6 @@ class Leaf:
     spec: str
     global_bytes: int
     device_bytes: int
-
-
-def make_trainer(cfg: ModelConfig, mesh, rules):
-    """The project's Trainer (real optimizer, real sharding rules) on `mesh`; nothing allocated."""
-    from train.optim import OptimConfig, make_optimizer
-    from train.step import Trainer
-
-    return Trainer(cfg, make_optimizer(OptimConfig(), total_steps=1000), mesh, rules)
 
 
 def state_leaves(trainer) -> list[Leaf]:
@@ -190,9 +181,6 @@ def block_tensors(
     batch and seq are global; each tensor is sharded by its logical axes and the rules.
     block_param_bytes: one block's parameters per device (for their compute-dtype copies).
     """
-    from chameleon_jax.sharding import logical_to_spec
-    from jax.sharding import NamedSharding
-
     c = DTYPE_BYTES[cfg.dtype]
     p = DTYPE_BYTES[cfg.param_dtype]
     b, t, d, n, k, h, f = batch, seq, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
@@ -203,8 +191,7 @@ def block_tensors(
     bnt = ("activation_batch", "activation_heads", "activation_length", None)
 
     def size(shape, axes, itemsize):
-        spec = logical_to_spec(axes, rules, shape, mesh)
-        return math.prod(NamedSharding(mesh, spec).shard_shape(shape)) * itemsize
+        return shard_bytes(shape, axes, rules, mesh, itemsize)
 
     d_c, d_32 = size((b, t, d), btd, c), size((b, t, d), btd, 4)
     q_c, k_c = size((b, t, n, h), btn, c), size((b, t, k, h), btk, c)
@@ -283,9 +270,6 @@ def activation_estimate(
     tensors need to be live at once. Plus the float32 logits, their gradient and the final
     norm's input and output.
     """
-    from chameleon_jax.sharding import logical_to_spec
-    from jax.sharding import NamedSharding
-
     tensors = block_tensors(cfg, batch, seq, mesh, rules, kernel, block_param_bytes)
     saved = saved_tensors(cfg)
     per_block = sum(tensors[name].bytes for name in saved)
@@ -293,9 +277,8 @@ def activation_estimate(
     if cfg.remat_policy != "none":
         rebuilt = [name for name in SAVED_BY_POLICY["none"] if name not in saved]
         recompute = max(sum(tensors[n].bytes for n in rebuilt if tensors[n].part == part) for part in ("attn", "mlp"))
-    logits_axes = ("activation_batch", "activation_length", "activation_vocab")
-    shape = (batch, seq, cfg.vocab_size)
-    logits = math.prod(NamedSharding(mesh, logical_to_spec(logits_axes, rules, shape, mesh)).shard_shape(shape)) * 4
+    logits = shard_bytes((batch, seq, cfg.vocab_size), ("activation_batch", "activation_length", "activation_vocab"),
+                         rules, mesh, 4)
     head = 2 * logits + 2 * tensors["x"].bytes
     return {
         "saved_tensors": {name: {"bytes": tensors[name].bytes, "what": tensors[name].what}
@@ -407,9 +390,7 @@ def make_plan(
     def fit(a: accelerators.Accelerator) -> dict[str, Any]:
         # Each chip with the attention kernel it would run (cuDNN flash attention on GPUs, splash on TPUs).
         needed = total_bytes if a.backend == backend else sum(parts_for(a.backend)[0].values())
-        usable = a.memory_bytes * (1 - reserve)
-        return {"accelerator": a.name, "memory_bytes": a.memory_bytes, "usable_bytes": int(usable),
-                "bytes_per_device": needed, "fits": needed <= usable, "fraction_of_memory": needed / a.memory_bytes}
+        return accelerator_fit(a, needed, reserve)
 
     flops = step_flops_per_device(cfg, batch, seq, devices)
     return {
@@ -444,50 +425,35 @@ def compiled_memory(cfg: ModelConfig, mesh_cfg: MeshConfig, *, batch: int, seq: 
     Needs as many local devices as the mesh has (on CPU: XLA_FLAGS
     --xla_force_host_platform_device_count). Figures are per device.
     """
-    import jax
-
-    from chameleon_jax.sharding import build_mesh
-
-    sizes = mesh_sizes(mesh_cfg, None)
-    need = math.prod(sizes.values())
-    if jax.device_count() < need:
-        raise configlib.ConfigError(
-            f"--compile needs {need} devices for mesh {sizes}, this process has {jax.device_count()} "
-            f"(on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={need} before starting)"
-        )
-    mesh = build_mesh(mesh_cfg, jax.devices()[:need])
-    trainer = make_trainer(cfg, mesh, mesh_cfg.rules)
-    compiled = trainer.lower_train_step((batch, seq)).compile()
-    m = compiled.memory_analysis()
     import numpy as np
 
     from chameleon_jax.sequence import BATCH_DTYPES
 
+    sizes = mesh_sizes(mesh_cfg, None)
+    trainer = make_trainer(cfg, local_mesh(mesh_cfg), mesh_cfg.rules)
+    out = memory_figures(trainer.lower_train_step((batch, seq)).compile())
     token_bytes = sum(np.dtype(d).itemsize for d in BATCH_DTYPES.values())
-    batch_bytes = batch * seq * token_bytes // (sizes["data"] * sizes["fsdp"] * sizes["sequence"])
-    out = {
-        "backend": jax.default_backend(),
-        "argument_bytes": int(m.argument_size_in_bytes),
-        "output_bytes": int(m.output_size_in_bytes),
-        "alias_bytes": int(m.alias_size_in_bytes),
-        "temp_bytes": int(m.temp_size_in_bytes),
-        "batch_bytes": batch_bytes,
-    }
-    out["state_bytes"] = out["argument_bytes"] - batch_bytes
-    # Donated state: outputs reuse the argument buffers, so the peak is args + non-aliased outputs + temps.
-    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    out["batch_bytes"] = batch * seq * token_bytes // (sizes["data"] * sizes["fsdp"] * sizes["sequence"])
+    out["state_bytes"] = out["argument_bytes"] - out["batch_bytes"]
     return out
 
 
-def compare(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
-    """Ratios estimate / compiler for the two comparable quantities."""
+def compared(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, tuple[str, int, int]]:
+    """The two quantities the estimate and the compiler both give: the state the step keeps, against
+    XLA's arguments less the batch; and what lives only during the step, against XLA's temporaries."""
     p = plan["bytes_per_device"]
     state = p["params"] + p["optimizer"] + p["other_state"]
     transient = p["gradients"] + p["gathered_weights"] + p["activations"]
     return {
-        "state_estimate_over_xla": state / max(xla["state_bytes"], 1),
-        "transient_estimate_over_xla_temp": transient / max(xla["temp_bytes"], 1),
+        "state_estimate_over_xla": ("state (params + optimizer + other)", state, xla["state_bytes"]),
+        "transient_estimate_over_xla_temp": ("transient (grads + gathered + activations)", transient,
+                                             xla["temp_bytes"]),
     }
+
+
+def compare(plan: dict[str, Any], xla: dict[str, Any]) -> dict[str, float]:
+    """Ratios estimate / compiler for the two comparable quantities."""
+    return estimate_vs_xla(compared(plan, xla))
 
 
 # --------------------------------------------------------------------------- output
@@ -526,12 +492,7 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None,
     rows = [[what[k], _gib(v)] for k, v in p.items()]
     rows.append(["total", _gib(plan["total_bytes_per_device"])])
     if xla is not None:
-        state = p["params"] + p["optimizer"] + p["other_state"]
-        transient = p["gradients"] + p["gathered_weights"] + p["activations"]
-        out += [_table([["state (params + optimizer + other)", _gib(state), _gib(xla["state_bytes"])],
-                        ["transient (grads + gathered + activations)", _gib(transient), _gib(xla["temp_bytes"])],
-                        ["peak", _gib(plan["total_bytes_per_device"]), _gib(xla["peak_bytes"])]],
-                       ["estimate vs compiler, per device", "estimate", f"XLA ({xla['backend']})"])]
+        out += [estimate_vs_xla_table(compared(plan, xla), plan, xla)]
         if xla["backend"] == "cpu" and m["dtype"] != "float32":
             out.append(f"(XLA:CPU computes {m['dtype']} in float32, so its transient figure runs high here)")
         out.append("")
@@ -540,15 +501,9 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None,
         srows = [[name, v["what"], _gib(v["bytes"])] for name, v in acts["saved_tensors"].items()]
         out += [f"kept per block for the backward pass (remat={m['remat_policy']}):",
                 _table(srows, ["tensor", "what", "per device"]), ""]
-    fits = []
-    chosen = plan["accelerator"]
-    for f in ([chosen] if brief and chosen else plan["all_accelerators"]):
-        a = accelerators.ACCELERATORS[f["accelerator"]]
-        mark = "<-" if plan["accelerator"] and plan["accelerator"]["accelerator"] == a.name else ""
-        fits.append([a.name, a.memory_label, f"{100 * f['fraction_of_memory']:.0f}%", "yes" if f["fits"] else "NO", mark])
     out += [f"fits (estimate <= {100 * (1 - plan['reserve_fraction']):.0f}% of memory; each chip with the attention "
             f"kernel it runs):",
-            _table(fits, ["accelerator", "memory", "used", "fits", ""])]
+            fits_table(plan, brief)]
     if plan["ideal_step_seconds"]:
         out += ["", f"step time at 100% of peak bf16 FLOP/s: {plan['ideal_step_seconds']['at_peak_bf16']:.3f} s "
                     f"({plan['train_flops_per_device_per_step'] / 1e12:.1f} TFLOP per device per step)"]
@@ -559,7 +514,7 @@ def render(plan: dict[str, Any], preset: str, xla: dict[str, Any] | None = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.plan", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m eval.bench.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="chameleon-7b", help=f"model preset: {', '.join(presets())}")
     p.add_argument("--mesh", default="fsdp=8", help="mesh sizes, e.g. data=2,fsdp=16,tensor=2 (unnamed sizes are 1; "
                                                   "dcn_data=... for multi-slice)")
@@ -579,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--brief", action="store_true", help="leave out the per-parameter and per-tensor tables")
     p.add_argument("--mode", choices=["train", "generate"], default="train",
-                   help="plan a train step, or generation (eval.plan_generate: --context, --prompt-len, --guidance)")
+                   help="plan a train step, or generation (eval.bench.plan_generate: --context, --prompt-len, --guidance)")
     p.add_argument("--context", type=int, default=None, help="generate: KV cache length (default: max_seq_len)")
     p.add_argument("--prompt-len", type=int, default=None, help="generate: prompt tokens prefilled (default: context/2)")
     p.add_argument("--guidance", choices=["none", "two", "three"], default="none",
@@ -609,21 +564,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = resolve_model(args)
     mesh_cfg = parse_mesh(args.mesh)
     if args.mode == "generate":
-        from eval import plan_generate
+        from eval.bench import plan_generate
 
         return plan_generate.main(args, cfg, mesh_cfg)
     seq = args.seq or cfg.max_seq_len
-    if args.compile and "jax" not in sys.modules:
-        need = math.prod(mesh_sizes(mesh_cfg, args.devices).values())
-        if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                       f" --xla_force_host_platform_device_count={need}").strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    backend = None
-    if args.compile:
-        import jax
-
-        backend = jax.default_backend()  # the estimate then describes the program XLA compiles here
+    backend = compile_backend(args, mesh_cfg)  # with --compile the estimate describes the program XLA compiles here
     plan = make_plan(cfg, mesh_cfg, batch=args.batch, seq=seq, num_devices=args.devices,
                      accelerator=args.accelerator, backend=backend, reserve=args.reserve)
     xla = None
@@ -631,10 +576,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         xla = compiled_memory(cfg, mesh_cfg, batch=args.batch, seq=seq)
         plan["xla"] = xla
         plan["estimate_over_xla"] = compare(plan, xla)
-    if args.json:
-        print(json.dumps({"preset": args.preset, **plan}))
-    else:
-        print(render(plan, args.preset, xla, brief=args.brief))
+    emit(args, plan, xla, render)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Train-step throughput: tokens/s, achieved FLOP/s and MFU against this machine's dense-matmul peak.
 
-    python -m eval.bench_train                         # the `small` model
-    python -m eval.bench_train preset=tiny batch_size=16 seq_len=256 model.dtype=bfloat16
-    python -m eval.bench_train cpu_devices=0          # the devices as XLA_FLAGS gives them
-    python -m eval.bench_train model.attention_impl=xla seq_len=2048 batch_size=4 model.max_seq_len=2048
-    python -m eval.bench_train seq_len=8192 batch_size=1 model.max_seq_len=8192 mesh.data=1 mesh.sequence=2
+    python -m eval.bench.train                         # the `small` model
+    python -m eval.bench.train preset=tiny batch_size=16 seq_len=256 model.dtype=bfloat16
+    python -m eval.bench.train cpu_devices=0          # the devices as XLA_FLAGS gives them
+    python -m eval.bench.train model.attention_impl=xla seq_len=2048 batch_size=4 model.max_seq_len=2048
+    python -m eval.bench.train seq_len=8192 batch_size=1 model.max_seq_len=8192 mesh.data=1 mesh.sequence=2
 
 MFU = model FLOPs per token (transformer.flops_per_token: 6N + attention, forward
 and backward) x tokens/s / peak FLOP/s. The peak is measured in the same process
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
 import sys
 import time
@@ -34,6 +33,7 @@ import numpy as np
 from chameleon_jax import configlib
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig
 from chameleon_jax.configlib import param
+from eval.bench.synthetic import device_batch, make_trainer, set_cpu_devices
 from train.optim import OptimConfig
 
 
@@ -69,26 +69,6 @@ def _tiny() -> BenchTrainConfig:
 PRESETS = {"small": _small, "tiny": _tiny}
 
 
-def synthetic_batch(rows: int, seq_len: int, vocab: int, docs_per_row: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random tokens in the training batch layout, `docs_per_row` packed documents per row."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (rows, seq_len + 1)).astype(np.int32)
-    bounds = np.linspace(0, seq_len, docs_per_row + 1).astype(int)
-    seg = np.zeros((seq_len,), np.int32)
-    pos = np.zeros((seq_len,), np.int32)
-    for d in range(docs_per_row):
-        seg[bounds[d] : bounds[d + 1]] = d + 1
-        pos[bounds[d] : bounds[d + 1]] = np.arange(bounds[d + 1] - bounds[d])
-    return {
-        "tokens": ids[:, :-1],
-        "targets": ids[:, 1:],
-        "positions": np.tile(pos, (rows, 1)),
-        "segment_ids": np.tile(seg, (rows, 1)),
-        "loss_weights": np.ones((rows, seq_len), np.float32),
-        "modality": rng.integers(0, 2, (rows, seq_len)).astype(np.int8),
-    }
-
-
 def peak_memory() -> dict[str, float]:
     """Host peak RSS and, where the backend reports it, device peak bytes in use."""
     import jax
@@ -100,23 +80,6 @@ def peak_memory() -> dict[str, float]:
     return out
 
 
-def set_cpu_devices(n: int) -> None:
-    """Asks XLA for `n` host devices; must run before jax is imported (a no-op off CPU)."""
-    if n <= 0:
-        return
-    if "jax" in sys.modules:
-        import jax
-
-        if jax.devices()[0].platform == "cpu" and jax.device_count() != n:
-            raise configlib.ConfigError(
-                f"cpu_devices={n}, but jax was already started with {jax.device_count()} CPU devices; "
-                "set cpu_devices=0 to use them as they are"
-            )
-        return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-
-
 def bench(cfg: BenchTrainConfig) -> dict[str, float]:
     set_cpu_devices(cfg.cpu_devices)
     import jax
@@ -124,8 +87,7 @@ def bench(cfg: BenchTrainConfig) -> dict[str, float]:
     from chameleon_jax.kernels import resolve_implementation
     from chameleon_jax.sharding import build_mesh
     from chameleon_jax.transformer import count_params, flops_per_token
-    from train.optim import make_optimizer, make_schedule
-    from train.step import Trainer, dense_matmul_flops
+    from train.step import dense_matmul_flops
 
     if cfg.seq_len > cfg.model.max_seq_len:
         raise configlib.ConfigError(f"seq_len={cfg.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
@@ -133,10 +95,8 @@ def bench(cfg: BenchTrainConfig) -> dict[str, float]:
 
     mesh = build_mesh(cfg.mesh)
     total = cfg.warmup_steps + cfg.steps + 1
-    trainer = Trainer(cfg.model, make_optimizer(cfg.optim, total), mesh, cfg.mesh.rules,
-                      schedule=make_schedule(cfg.optim, total), grad_accum=cfg.optim.grad_accum)
-    host = synthetic_batch(cfg.batch_size, cfg.seq_len, cfg.model.vocab_size, cfg.docs_per_row)
-    batch = {k: jax.device_put(v, trainer.batch_sharding(v.shape)) for k, v in host.items()}
+    trainer = make_trainer(cfg.model, mesh, cfg.mesh.rules, cfg.optim, total)
+    batch = device_batch(trainer, cfg.batch_size, cfg.seq_len, cfg.docs_per_row)
 
     t0 = time.perf_counter()
     compiled = trainer.lower_train_step((cfg.batch_size, cfg.seq_len)).compile()

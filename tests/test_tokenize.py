@@ -119,6 +119,8 @@ def test_tfds_pairs_tokenise_with_a_nested_text_feature(tmp_path):
              tfds_text="meta/captions", pairs_as="both", out_dir=str(tmp_path / "tok")))
     shards = ShardSet(tmp_path / "tok")
     assert len(shards) == 12 and shards.images == 12  # a caption and a text-to-image document each
+    manifest = json.loads((tmp_path / "tok" / "manifest-00000-of-00001.json").read_text())
+    assert manifest["rates"]["pictures_encoded"] == 6  # each picture once for its two documents
     texts = _texts(shards, Vocabulary.load(shards.vocab_dir))
     assert sorted(set(texts)) == sorted(f"grey level {i}" for i in range(6))
     with pytest.raises(DataError, match=r"picture feature: no feature 'image' .*\['meta', 'picture'\]"):

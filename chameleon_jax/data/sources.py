@@ -43,7 +43,9 @@ class Item:
 
 
 def pair_documents(image: np.ndarray, caption: str, pairs_as: str, meta: dict) -> list[Document]:
-    """A (picture, caption) pair as captioning and/or text-to-image documents."""
+    """A (picture, caption) pair as captioning and/or text-to-image documents.
+
+    meta["picture_keys"] names the picture, so with pairs_as=both a tokeniser encodes it once."""
     out = []
     if pairs_as in ("caption", "both"):
         out.append(Document((Segment(image=image, is_target=False), Segment(text=caption)), "caption", meta))
@@ -122,7 +124,7 @@ class FolderPairs:
 
         caption = self._caption(picture)
         image = read_image(picture)
-        return pair_documents(image, caption, self.pairs_as, {"path": str(picture)})
+        return pair_documents(image, caption, self.pairs_as, {"path": str(picture), "picture_keys": (str(picture),)})
 
     def texts(self, num_docs: int) -> list[str]:
         out = []
@@ -203,7 +205,7 @@ class TfdsPairs:
             raise DataError(f"{where}: cannot read the example: {e}") from None
         image = _picture(_feature(example, self.image_key, where), where, self.image_key)
         text = _text(_feature(example, self.text_key, where), where, self.text_key)
-        return pair_documents(image, text, self.pairs_as, {"source": self.name, "index": i})
+        return pair_documents(image, text, self.pairs_as, {"source": self.name, "index": i, "picture_keys": (where,)})
 
     def texts(self, num_docs: int) -> list[str]:
         out = []

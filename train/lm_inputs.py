@@ -107,17 +107,14 @@ def _tokenise(tcfg: tokenize.TokenizeConfig, cfg: LMTrainConfig, what: str, toke
     out = Path(tcfg.out_dir)
     pidx, pcount = jax.process_index(), jax.process_count()
     manifest = out / f"manifest-{pidx:05d}-of-{pcount:05d}.json"
+    recorded = json.loads(manifest.read_text())["config"] if manifest.exists() else None
+    source = None
     if tcfg.source == "shapes":
-        if manifest.exists():  # the size drawn is recorded there; reuse it rather than estimate it again
-            recorded = json.loads(manifest.read_text())["config"].get("shapes_docs", 0)
-            tcfg = dataclasses.replace(tcfg, shapes_docs=int(recorded))
-            source = None
+        if recorded is not None:  # an estimated draw's size is recorded there: reuse it rather than estimate it again
+            tcfg = dataclasses.replace(tcfg, shapes_docs=int(docs or recorded.get("shapes_docs", 0)))
         else:
             tcfg, source = _shapes_draw(tcfg, cfg, tokens_needed, docs)
-    else:
-        source = None
-    if manifest.exists():
-        recorded = json.loads(manifest.read_text())["config"]
+    if recorded is not None:
         mine = configlib.to_dict(tcfg)
         differ = sorted(k for k in set(mine) | set(recorded) if mine.get(k) != recorded.get(k))
         if differ:

@@ -85,11 +85,11 @@ def test_train_lm_with_a_sequence_axis_resumes_exactly(tmp_path):
     from tests.test_train_lm_resume import _losses as logged_losses, small_run
     from train.lm import run
 
-    cache, mesh = tmp_path / "cache", ("mesh.data=2", "mesh.sequence=4")
-    straight = run(small_run(tmp_path / "straight", cache, "steps=4", *mesh))
+    mesh = ("mesh.data=2", "mesh.sequence=4")
+    straight = run(small_run(tmp_path / "straight", "steps=4", *mesh))
     resumed = tmp_path / "resumed"
-    run(small_run(resumed, cache, "steps=2", *mesh))
-    run(small_run(resumed, cache, "steps=4", *mesh))
+    run(small_run(resumed, "steps=2", *mesh))
+    run(small_run(resumed, "steps=4", *mesh))
     a, b = logged_losses(straight), logged_losses(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_array_equal([a[s] for s in range(1, 5)], [b[s] for s in range(1, 5)])

@@ -42,7 +42,7 @@ class DemoConfig:
 
     run_dir: str = param("runs/demo", "where everything goes (stage folders, eval/, metrics.json, report.html)")
     overwrite: bool = param(False, "redo every stage instead of reusing finished ones")
-    image_size: int = param(24, "Shapes picture size (24, 32, 64 or 128; at 24 each of the tokenizer's 3x3 codes covers one cell of the layout); the tokenizer, the LM data and the evaluations take it")
+    image_size: int = param(32, "Shapes picture size (24, 32, 64 or 128); the tokenizer, the LM data and the evaluations take it. At 32 the tokenizer's 4x4 codes straddle the 3x3 layout's cells, so every object spans several codes; 24 with vq=shapes24 is the one-code-per-cell regime (each code a whole object)")
     judge_examples: int = param(1000, "ground-truth pictures per split on which the judge is scored (0 = all)")
     vq_examples: int = param(1000, "test pictures on which the image tokenizer is scored (0 = all)")
     caption_examples: int = param(200, "pictures captioned in the captioning evaluation")
@@ -50,7 +50,7 @@ class DemoConfig:
     t2i_examples: int = param(100, "captions per split (test = seen pairs, heldout) drawn in text-to-image")
     interleaved_examples: int = param(50, "edit stories continued in the interleaved evaluation")
     perplexity_examples: int = param(100, "pictures whose task documents are scored for perplexity")
-    vq: train_vqvae.VQTrainConfig = param(train_vqvae.PRESETS["shapes24"](), "image tokenizer training (train.vqvae)")
+    vq: train_vqvae.VQTrainConfig = param(train_vqvae.PRESETS["shapes32"](), "image tokenizer training (train.vqvae)")
     lm: lm_config.LMTrainConfig = param(lm_config.PRESETS["demo"](), "transformer training (train.lm)")
     eval: common.EvalConfig = param(common.EvalConfig(), "generation settings of the evaluations")
 
@@ -64,13 +64,13 @@ def _tiny() -> DemoConfig:
     vq = train_vqvae.PRESETS["tiny"]()
     vq = dataclasses.replace(
         vq,
-        model=dataclasses.replace(vq.model, image_size=24, channel_mult=(1, 2, 2, 2)),  # 3x3 = 9 codes, as in the demo
+        model=dataclasses.replace(vq.model, image_size=32, channel_mult=(1, 2, 2, 2)),  # 4x4 = 16 codes, as in the demo
         data=dataclasses.replace(vq.data, source="shapes", num_examples=256),
     )
     lm = lm_config.PRESETS["tiny"]()
     lm = dataclasses.replace(lm, steps=6, log_interval=2, eval_interval=0, checkpoint_interval=0, progress=False)
     return DemoConfig(
-        run_dir="runs/demo-tiny", image_size=24, judge_examples=20, vq_examples=32, caption_examples=4, vqa_examples=2,
+        run_dir="runs/demo-tiny", image_size=32, judge_examples=20, vq_examples=32, caption_examples=4, vqa_examples=2,
         t2i_examples=2, interleaved_examples=2, perplexity_examples=2, vq=vq, lm=lm,
         eval=dataclasses.replace(common.EvalConfig(), batch_size=4, max_new_tokens=12),
     )
@@ -145,7 +145,14 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
 def stage_vq_eval(cfg: DemoConfig, vq_dir: Path, run_dir: Path) -> dict[str, Any]:
     from eval import vq as eval_vq
 
+    from vqvae.tokenizer import load_tokenizer
+
     res = eval_vq.evaluate(vq_dir, split="test", num_examples=cfg.vq_examples, data_dir=cfg.eval.data_dir or None)
+    # Held-out (colour, shape) pairs: can the tokenizer write objects it never met as such?
+    heldout = eval_vq.evaluate(load_tokenizer(vq_dir / "tokenizer"), split="heldout", num_examples=cfg.vq_examples,
+                               data_dir=cfg.eval.data_dir or None)
+    res["judge_accuracy_heldout"] = heldout["judge_accuracy"]
+    res["psnr_heldout_db"] = heldout["psnr"]
     grid = vq_dir / "eval_vq.png"
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """The whole pipeline on tiny presets: data, tokenizer, vocabulary, transformer, every evaluation, report."""
 
+import dataclasses
 import json
 
 import pytest
@@ -25,6 +26,28 @@ def test_one_shapes_build_covers_every_stage():
     assert demo.shapes_sizes(demo.PRESETS["tiny"]()) is None
 
 
+@pytest.mark.parametrize("preset", ["demo", "tiny"])
+def test_the_demo_codes_straddle_the_layout_cells(preset):
+    """No code is a whole cell: the code grid is finer than the 3x3 layout and its lines do not
+    fall on the cells' edges, so objects straddle codes and neighbours share them (the
+    one-code-per-cell regime, 24 px with `shapes24`, is an explicit option, not the default)."""
+    from chameleon_jax.data.shapes import spec
+    from eval import demo
+
+    cfg = demo.PRESETS[preset]()
+    model = dataclasses.replace(cfg.vq.model, image_size=cfg.image_size)  # as the demo builds it
+    side = model.grid[0]
+    assert model.grid[0] == model.grid[1] and side > 3, model.grid
+    code_edges = {i * cfg.image_size / side for i in range(1, side)}
+    cell_edges = {i * cfg.image_size / 3 for i in range(1, 3)}
+    assert not cell_edges <= code_edges, (code_edges, cell_edges)
+    # The middle cell's objects, small or large, cross a code edge.
+    centre = spec.layout(cfg.image_size).centers[1]
+    for extent in spec.layout(cfg.image_size).extents:
+        lo, hi = centre - extent / 2, centre + extent / 2
+        assert any(lo < e < hi for e in code_edges), (extent, code_edges)
+
+
 @pytest.mark.slow
 def test_tiny_demo_runs_end_to_end_and_reuses_stages(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CHAMELEON_JAX_DATA", str(tmp_path / "data"))
@@ -44,9 +67,10 @@ def test_tiny_demo_runs_end_to_end_and_reuses_stages(tmp_path, monkeypatch, caps
         assert split and all(0.0 <= metrics[k] <= 1.0 for k in split), (name, split)
     assert metrics["vq_psnr_db"] > 5.0
     # The demo's image_size reaches the tokenizer and the LM data.
-    assert metrics["vq_codes_per_image"] == 9
-    assert json.loads((run_dir / "vq" / "config.json").read_text())["model"]["image_size"] == 24
-    assert json.loads((run_dir / "lm" / "config.json").read_text())["data"]["image_size"] == 24
+    assert metrics["vq_codes_per_image"] == 16
+    assert 0.0 <= metrics["vq_judge_accuracy_heldout"] <= 1.0
+    assert json.loads((run_dir / "vq" / "config.json").read_text())["model"]["image_size"] == 32
+    assert json.loads((run_dir / "lm" / "config.json").read_text())["data"]["image_size"] == 32
     page = (run_dir / "report.html").read_text()
     for section in ("Headline figures", "Captioning", "Text to image", "Interleaved", "Loss curves"):
         assert section in page, section

@@ -133,18 +133,20 @@ def _shapes() -> VQTrainConfig:
 
 
 def _shapes32() -> VQTrainConfig:
-    """32 px Shapes, 16 codes a picture: twice the steps and batch of `shapes`, the same pixels per run.
+    """The demo's tokenizer: 32 px Shapes, 4x4 = 16 codes a picture, batch 16 for 9000 steps.
 
-    A small object is 5 px wide here, and its shape is what an undertrained tokenizer loses first.
+    A small object is 5 px wide here, and its shape is what an undertrained tokenizer loses
+    first: the judge read 0.926 of the reconstructions right after 6000 steps of batch 8 and
+    0.983 after 6000 of batch 16, so the demo trains half as long again.
     """
     cfg = _shapes()
-    return dataclasses.replace(cfg, model=VQ_PRESETS["shapes32"](), steps=6000, batch_size=16)
+    return dataclasses.replace(cfg, model=VQ_PRESETS["shapes32"](), steps=9000, batch_size=16)
 
 
 def _shapes24() -> VQTrainConfig:
-    """The demo's tokenizer: 9 codes a picture, one per cell of the layout (24 px Shapes),
-    with the steps and batch of `shapes32`."""
-    return dataclasses.replace(_shapes32(), model=VQ_PRESETS["shapes24"]())
+    """The one-code-per-cell regime: 24 px Shapes, 3x3 = 9 codes, each code one cell of the
+    layout (a whole object), batch 16 for 6000 steps."""
+    return dataclasses.replace(_shapes32(), model=VQ_PRESETS["shapes24"](), steps=6000)
 
 
 def _chameleon() -> VQTrainConfig:

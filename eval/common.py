@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
@@ -121,12 +122,15 @@ def format_table(title: str, results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, **kwargs) -> list[list]:
+def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, *, timings: list | None = None,
+                 **kwargs) -> list[list]:
     """Runs `pipe.generate` over `prompts` in batches of `cfg.batch_size` with a progress bar.
 
     With several processes each generates its contiguous share of every batch (rows keep
     their place in the batch, so the samples are the one-process ones) and every process
-    gets all the results.
+    gets all the results. `timings`, when given, receives one (rows, forward passes,
+    seconds) tuple per batch: the loop's steps with the prefill counted as one, and the
+    wall time of the call (the first call of a shape includes its compilation).
     """
     import jax
     from tqdm import tqdm
@@ -140,8 +144,12 @@ def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, **kw
         per = -(-len(chunk) // processes)
         mine = list(range(index * per, min(len(chunk), (index + 1) * per)))
         ids = [pipe.encode_prompt(chunk[j]) for j in mine]
+        start = time.perf_counter()
         out = pipe.generate_ids(ids, seed=cfg.seed + i, stream_ids=mine, **_with_default_budget(pipe, kwargs))
-        results.extend(pipe.segments_of_rows(gather_token_lists(out.tokens)))
+        tokens = gather_token_lists(out.tokens)
+        if timings is not None:
+            timings.append((len(chunk), out.steps, time.perf_counter() - start))
+        results.extend(pipe.segments_of_rows(tokens))
         bar.update(len(chunk))
     bar.close()
     return results

@@ -6,7 +6,9 @@
 seeded by the example's index. It gives accuracy on seen (colour, shape) pairs (the test
 split) and on held-out pairs (the heldout split), each with guidance
 (`cfg_scale`) and without (scale 1), the judge's object-count accuracy, and a
-grid of prompts beside generations.
+grid of prompts beside generations. For each it also records the decoding's cost:
+forward passes and seconds per picture (`image_decoding=jacobi` against the default
+`sequential` shows what speculative Jacobi decoding saves).
 """
 
 from __future__ import annotations
@@ -17,14 +19,30 @@ from chameleon_jax.data import shapes
 from eval import common
 
 
-def generate_images(pipe, prompts: list[str], cfg: common.EvalConfig, cfg_scale: float, desc: str) -> list:
+def generate_images(pipe, prompts: list[str], cfg: common.EvalConfig, cfg_scale: float, desc: str,
+                    timings: list | None = None) -> list:
     results = common.generate_all(
-        pipe, [[p] for p in prompts], cfg, desc, modality="image", max_new_tokens=pipe.codes_per_image + 2,
+        pipe, [[p] for p in prompts], cfg, desc, timings=timings, modality="image",
+        max_new_tokens=pipe.codes_per_image + 2,
         temperature=cfg.temperature, image_temperature=cfg.image_temperature, image_top_k=cfg.image_top_k,
         cfg_scale=cfg_scale, image_decoding=cfg.image_decoding, jacobi_window=cfg.jacobi_window,
     )
     images = [common.images_of(r) for r in results]
     return [imgs[0] if imgs else None for imgs in images]
+
+
+def decode_cost(name: str, timings: list) -> dict[str, float]:
+    """Forward passes per picture and seconds per picture of one run of `generate_images`.
+
+    Rows of a batch advance in the same passes, so a batch's passes are each of its
+    pictures' passes. Seconds count the batches of the first batch's size after the first
+    (the first of a shape compiles the loop), or every batch when there are no such.
+    """
+    timed = [t for t in timings[1:] if t[0] == timings[0][0]] or timings
+    return {
+        f"{name}_forward_passes_per_image": sum(r * p for r, p, _ in timings) / sum(r for r, _, _ in timings),
+        f"{name}_seconds_per_image": sum(s for _, _, s in timed) / sum(r for r, _, _ in timed),
+    }
 
 
 def score(images: list, examples: list) -> tuple[list[bool], list[bool]]:
@@ -50,7 +68,9 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
         examples = common.load_examples(cfg, split)
         prompts = [shapes.t2i_prompt(ex, np.random.default_rng(int(ex["index"]))) for ex in examples]
         for suffix, scale in scales.items():
-            images = generate_images(pipe, prompts, cfg, scale, f"t2i {tag}{suffix}")
+            timings: list = []
+            images = generate_images(pipe, prompts, cfg, scale, f"t2i {tag}{suffix}", timings)
+            out.update(decode_cost(f"t2i_{tag}{suffix}", timings))
             exact, count = score(images, examples)
             out[f"t2i_judge_accuracy_{tag}{suffix}"] = sum(exact) / len(exact)
             out[f"t2i_count_accuracy_{tag}{suffix}"] = sum(count) / len(count)
@@ -62,6 +82,7 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
                     if img is not None:
                         rel = common.save_png(cfg.run_dir, f"eval/t2i/{tag}_{i}.png", img)
                         samples.append({"prompt": p, "image": rel, "generated": True, "correct": ok})
+    out["image_decoding"] = cfg.image_decoding
     out["cfg_scale"] = cfg.cfg_scale
     out["image_temperature"] = cfg.image_temperature
     out["samples"] = samples

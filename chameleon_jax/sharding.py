@@ -28,6 +28,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from chameleon_jax.configlib import ConfigError
+
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 Rules = Sequence[tuple[str, str]] | Mapping[str, str]
@@ -41,19 +43,19 @@ def _fill_sizes(sizes: Sequence[int], total: int, what: str) -> tuple[int, ...]:
     sizes = list(sizes)
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"at most one {what} mesh size may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ConfigError(f"at most one {what} mesh size may be -1, got {dict(zip(MESH_AXES, sizes))}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"{what} mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ConfigError(f"{what} mesh sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
     fixed = math.prod(s for s in sizes if s != -1)
     if free:
         if total % fixed:
-            raise ValueError(
+            raise ConfigError(
                 f"{what} mesh {dict(zip(MESH_AXES, sizes))}: the fixed sizes (product {fixed}) "
                 f"do not divide the {total} devices available"
             )
         sizes[free[0]] = total // fixed
     elif fixed != total:
-        raise ValueError(
+        raise ConfigError(
             f"{what} mesh {dict(zip(MESH_AXES, sizes))} needs {fixed} devices, but {total} are available"
         )
     return tuple(sizes)
@@ -70,10 +72,10 @@ def build_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     n = len(devices)
     dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1, mesh_cfg.dcn_tensor)  # the ring stays inside a slice
     if any(s < 1 for s in dcn):
-        raise ValueError(f"dcn mesh sizes must be >= 1, got {dict(zip(MESH_AXES, dcn))}")
+        raise ConfigError(f"dcn mesh sizes must be >= 1, got {dict(zip(MESH_AXES, dcn))}")
     slices = math.prod(dcn)
     if n % slices:
-        raise ValueError(f"{n} devices cannot be split into {slices} slices (dcn sizes {dict(zip(MESH_AXES, dcn))})")
+        raise ConfigError(f"{n} devices cannot be split into {slices} slices (dcn sizes {dict(zip(MESH_AXES, dcn))})")
     ici = _fill_sizes((mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.sequence, mesh_cfg.tensor), n // slices, "in-slice")
     if slices > 1:
         if not all(hasattr(d, "slice_index") for d in devices):

@@ -54,17 +54,21 @@ class EvalConfig:
 
 
 def cli(name: str, evaluate, **defaults) -> None:
-    """The command line of an evaluation: `python -m eval.<name> key=value ...` -> <run_dir>/eval/<name>.json."""
+    """The command line of an evaluation: `python -m eval.<name> key=value ...` -> <run_dir>/eval/<name>.json,
+    its figures merged into <run_dir>/metrics.json; `--help` lists every field."""
     import sys
 
     from chameleon_jax import configlib
 
+    from train.metrics import update_headline
+
     def go():
-        cfg = configlib.apply_overrides(dataclasses.replace(EvalConfig(), **defaults), sys.argv[1:])
+        cfg = configlib.from_cli(sys.argv[1:], {name: lambda: dataclasses.replace(EvalConfig(), **defaults)}, name)
         maybe_initialize(cfg.cluster)
         results = evaluate(load_run_pipeline(cfg), cfg)
         if is_primary():
             write_results(cfg.run_dir, name, results)
+            update_headline(Path(cfg.run_dir) / "metrics.json", headline_figures(name, results))
 
     configlib.main_guard(go)
 
@@ -104,6 +108,12 @@ def write_results(run_dir: str | os.PathLike, name: str, results: Mapping[str, A
     os.replace(tmp, path)
     print(format_table(name, results))
     return path
+
+
+def headline_figures(name: str, results: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluation's scalar figures as `metrics.json` names them: each carries the evaluation's name."""
+    return {k if name in k else f"{name}_{k}": v for k, v in results.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _jsonable(x):

@@ -170,7 +170,7 @@ def stage_eval(name: str, module, pipe_fn, cfg: DemoConfig, n: int) -> Callable[
         ecfg = dataclasses.replace(cfg.eval, run_dir=cfg.run_dir, image_size=cfg.image_size, num_examples=n)
         res = module.evaluate(pipe_fn(), ecfg)
         common.write_results(cfg.run_dir, name, res)
-        return {k if name in k else f"{name}_{k}": v for k, v in _scalars(res).items()}
+        return common.headline_figures(name, res)
 
     return run
 

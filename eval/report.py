@@ -136,12 +136,16 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str]) -> None:
+    usage = "usage: python -m eval.report run_dir=DIR  (writes DIR/report.html from DIR's figures; default runs/demo)"
     run_dir = "runs/demo"
     for a in argv:
+        if a in ("-h", "--help", "help"):
+            print(usage)
+            return
         if a.startswith("run_dir="):
             run_dir = a.split("=", 1)[1]
         else:
-            raise SystemExit(f"unknown argument {a!r}; usage: python -m eval.report run_dir=DIR")
+            raise SystemExit(f"unknown argument {a!r}; {usage}")
     print(write_report(run_dir))
 
 

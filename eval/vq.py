@@ -1,7 +1,11 @@
-"""Evaluate an image tokenizer on a Shapes split.
+"""Evaluate an image tokenizer on a Shapes split or on a folder of pictures.
 
     python -m eval.vq run_dir=runs/vq                      # the tokenizer in runs/vq/tokenizer, test split
     python -m eval.vq tokenizer_dir=/path/to/tokenizer run_dir=/tmp/out split=validation
+    python -m eval.vq run_dir=runs/vq pictures=my_held_out_pictures/   # your own pictures (no judge)
+
+Shapes is built at 24, 32, 64 and 128 px, so a tokenizer of another size is scored on
+a folder: its pictures are fitted to the tokenizer's size as training fits them.
 
 or `eval.vq.evaluate(run_dir_or_tokenizer, split="test") -> dict`. Writes
 `<run_dir>/eval_vq.json` and `<run_dir>/eval_vq.png` (originals above their
@@ -46,6 +50,8 @@ class EvalVQConfig:
     data_dir: str = param("", "Shapes data directory (empty = the default)")
     judge: bool = param(True, "run the Shapes judge on the reconstructions")
     grid_size: int = param(16, "pictures shown in eval_vq.png")
+    pictures: str = param("", "a folder of pictures to score instead of a Shapes split (fitted to the tokenizer's "
+                              "size; the judge is off); empty = Shapes")
 
 
 def _load_split(split: str, image_size: int, data_dir: str | None, limit: int):
@@ -155,6 +161,32 @@ def evaluate(
     return results
 
 
+def folder_pictures(folder: str, size: int, limit: int = 0) -> np.ndarray:
+    """Every picture under `folder` (the first `limit`), fitted to `size`: uint8 [N, size, size, 3]."""
+    from chameleon_jax.data.picture_stream import picture_dataset
+
+    try:
+        ds = picture_dataset("folder", folder, size, limit=limit)
+    except FileNotFoundError as e:
+        raise configlib.ConfigError(f"pictures={folder}: {e}") from None
+    return np.stack([ds[i] for i in range(len(ds))])
+
+
+def _shapes_sizes() -> tuple[int, ...]:
+    from chameleon_jax.data.shapes import spec
+
+    return spec.IMAGE_SIZES
+
+
+def _load_tokenizer_or_config_error(source: str):
+    from vqvae.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(source)
+    except FileNotFoundError as e:
+        raise configlib.ConfigError(f"no tokenizer at {source}: {e}") from None
+
+
 def format_results(results: dict[str, Any]) -> str:
     from eval.common import format_table
 
@@ -164,10 +196,19 @@ def format_results(results: dict[str, Any]) -> str:
 def main(argv=None) -> None:
     def go():
         cfg = configlib.from_cli(sys.argv[1:] if argv is None else argv, {"default": EvalVQConfig}, "default")
-        source = cfg.tokenizer_dir or cfg.run_dir
+        where = cfg.tokenizer_dir or cfg.run_dir
+        tok = _load_tokenizer_or_config_error(where)
+        split, judge, images = cfg.split, cfg.judge, None
+        if cfg.pictures:
+            images = folder_pictures(cfg.pictures, tok.image_size, cfg.num_examples)
+            split, judge = cfg.pictures, False
+        elif tok.image_size not in _shapes_sizes():
+            raise configlib.ConfigError(
+                f"the tokenizer in {where} takes {tok.image_size} px pictures and Shapes is built at "
+                f"{', '.join(map(str, _shapes_sizes()))} px: pass pictures=FOLDER to score it on your own")
         results = evaluate(
-            source, cfg.split, num_examples=cfg.num_examples, batch_size=cfg.batch_size,
-            data_dir=cfg.data_dir or None, out_dir=cfg.run_dir, judge=cfg.judge, grid_size=cfg.grid_size,
+            tok, split, num_examples=cfg.num_examples, batch_size=cfg.batch_size, data_dir=cfg.data_dir or None,
+            out_dir=cfg.run_dir, judge=judge, grid_size=cfg.grid_size, images=images,
         )
         print(format_results(results))
 

@@ -39,6 +39,14 @@ def test_lm_refuses_a_batch_the_data_axes_cannot_split(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_lm_shards_without_a_manifest_are_one_line(tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    argv = [*LM_SMALL, f"run_dir={tmp_path / 'run'}", "data.source=shards", f"data.shards={tmp_path / 'tok'}"]
+    line = _fails(train_lm.main, argv, capsys)
+    assert str(tmp_path / "tok") in line and "manifest" in line
+    assert not (tmp_path / "run").exists()
+
+
 def _picture(path, h=16, w=16):
     Image.fromarray(np.full((h, w, 3), 100, np.uint8)).save(path)
 

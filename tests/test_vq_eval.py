@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from chameleon_jax.data import shapes
 from chameleon_jax.data.shapes.records import make_example
@@ -88,3 +89,26 @@ def test_psnr_and_ssim():
                 cxy = (w * px * py).sum() - mx * my
                 vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
     np.testing.assert_allclose(float(ssim(a[:1], noisy[:1])[0]), np.mean(vals), rtol=1e-4)
+
+
+def test_the_command_scores_a_folder_of_pictures_at_any_size(tmp_path, capsys):
+    """A 40 px tokenizer (no Shapes build at that size) is scored on the user's own pictures."""
+    from PIL import Image
+
+    tok = Tokenizer(create_model(dataclasses.replace(VQ_PRESETS["tiny"](), image_size=40), 0))
+    tok.save(tmp_path / "run" / "tokenizer")
+    pics = tmp_path / "pics" / "sub"
+    pics.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):  # other sizes and aspects: fitted to 40 px as training fits them
+        Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 60, 3), np.uint8)).save(pics / f"{i}.png")
+
+    eval_vq.main([f"run_dir={tmp_path / 'run'}", f"pictures={tmp_path / 'pics'}", "batch_size=2"])
+    saved = json.loads((tmp_path / "run" / "eval_vq.json").read_text())
+    assert saved["num_images"] == 5 and np.isfinite(saved["psnr"]) and "judge_accuracy" not in saved
+
+    with pytest.raises(SystemExit) as stop:  # on Shapes, which has no 40 px build: one line, status 2
+        eval_vq.main([f"run_dir={tmp_path / 'run'}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "40 px" in err and "pictures=FOLDER" in err and "Traceback" not in err

@@ -84,9 +84,10 @@ def _bad_input_errors() -> tuple[type, ...]:
     from chameleon_jax.checkpoint import CheckpointError
     from chameleon_jax.configlib import ConfigError
     from chameleon_jax.data.documents import DataError
+    from chameleon_jax.data.shards import ShardError
     from chameleon_jax.vocab import VocabularyError
 
-    return ConfigError, DataError, CheckpointError, VocabularyError, FileNotFoundError, NotADirectoryError
+    return ConfigError, DataError, ShardError, CheckpointError, VocabularyError, FileNotFoundError, NotADirectoryError
 
 
 class RunSession:

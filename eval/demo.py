@@ -42,7 +42,7 @@ class DemoConfig:
 
     run_dir: str = param("runs/demo", "where everything goes (stage folders, eval/, metrics.json, report.html)")
     overwrite: bool = param(False, "redo every stage instead of reusing finished ones")
-    image_size: int = param(32, "Shapes picture size (24, 32, 64 or 128); the tokenizer, the LM data and the evaluations take it. At 32 the tokenizer's 4x4 codes straddle the 3x3 layout's cells, so every object spans several codes; 24 with vq=shapes24 is the one-code-per-cell regime (each code a whole object)")
+    image_size: int = param(32, "Shapes picture size (24, 32, 64 or 128); the tokenizer, the LM data and the evaluations take it. At 32 the tokenizer's 4x4 codes straddle the 3x3 layout's cells: objects cross code edges and neighbours share codes. image_size=24 vq.steps=6000 is the one-code-per-cell regime (the `shapes24` tokenizer: each code a whole cell)")
     judge_examples: int = param(1000, "ground-truth pictures per split on which the judge is scored (0 = all)")
     vq_examples: int = param(1000, "test pictures on which the image tokenizer is scored (0 = all)")
     caption_examples: int = param(200, "pictures captioned in the captioning evaluation")

@@ -147,10 +147,10 @@ def stage_vq_eval(cfg: DemoConfig, vq_dir: Path, run_dir: Path) -> dict[str, Any
 
     from vqvae.tokenizer import load_tokenizer
 
-    res = eval_vq.evaluate(vq_dir, split="test", num_examples=cfg.vq_examples, data_dir=cfg.eval.data_dir or None)
+    tok, data_dir = load_tokenizer(vq_dir), cfg.eval.data_dir or None
+    res = eval_vq.evaluate(tok, split="test", num_examples=cfg.vq_examples, data_dir=data_dir, out_dir=vq_dir)
     # Held-out (colour, shape) pairs: can the tokenizer write objects it never met as such?
-    heldout = eval_vq.evaluate(load_tokenizer(vq_dir / "tokenizer"), split="heldout", num_examples=cfg.vq_examples,
-                               data_dir=cfg.eval.data_dir or None)
+    heldout = eval_vq.evaluate(tok, split="heldout", num_examples=cfg.vq_examples, data_dir=data_dir)
     res["judge_accuracy_heldout"] = heldout["judge_accuracy"]
     res["psnr_heldout_db"] = heldout["psnr"]
     grid = vq_dir / "eval_vq.png"

@@ -172,12 +172,6 @@ def folder_pictures(folder: str, size: int, limit: int = 0) -> np.ndarray:
     return np.stack([ds[i] for i in range(len(ds))])
 
 
-def _shapes_sizes() -> tuple[int, ...]:
-    from chameleon_jax.data.shapes import spec
-
-    return spec.IMAGE_SIZES
-
-
 def _load_tokenizer_or_config_error(source: str):
     from vqvae.tokenizer import load_tokenizer
 
@@ -194,6 +188,8 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def main(argv=None) -> None:
+    from chameleon_jax.data.shapes.spec import IMAGE_SIZES
+
     def go():
         cfg = configlib.from_cli(sys.argv[1:] if argv is None else argv, {"default": EvalVQConfig}, "default")
         where = cfg.tokenizer_dir or cfg.run_dir
@@ -202,10 +198,10 @@ def main(argv=None) -> None:
         if cfg.pictures:
             images = folder_pictures(cfg.pictures, tok.image_size, cfg.num_examples)
             split, judge = cfg.pictures, False
-        elif tok.image_size not in _shapes_sizes():
+        elif tok.image_size not in IMAGE_SIZES:
             raise configlib.ConfigError(
                 f"the tokenizer in {where} takes {tok.image_size} px pictures and Shapes is built at "
-                f"{', '.join(map(str, _shapes_sizes()))} px: pass pictures=FOLDER to score it on your own")
+                f"{', '.join(map(str, IMAGE_SIZES))} px: pass pictures=FOLDER to score it on your own")
         results = evaluate(
             tok, split, num_examples=cfg.num_examples, batch_size=cfg.batch_size, data_dir=cfg.data_dir or None,
             out_dir=cfg.run_dir, judge=judge, grid_size=cfg.grid_size, images=images,

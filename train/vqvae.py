@@ -136,8 +136,7 @@ def _shapes32() -> VQTrainConfig:
     """The demo's tokenizer: 32 px Shapes, 4x4 = 16 codes a picture, batch 16 for 9000 steps.
 
     A small object is 5 px wide here, and its shape is what an undertrained tokenizer loses
-    first: the judge read 0.926 of the reconstructions right after 6000 steps of batch 8 and
-    0.983 after 6000 of batch 16, so the demo trains half as long again.
+    first; shorter training misreads more of them (docs/experiments.md, "The image tokenizer").
     """
     cfg = _shapes()
     return dataclasses.replace(cfg, model=VQ_PRESETS["shapes32"](), steps=9000, batch_size=16)

@@ -58,6 +58,12 @@ class LMDataConfig:
         "pictures are skipped at random to reach it); captions keep the split's mix, since a captioner "
         "learns from it how many objects to name; 0 = as the split holds them (about 0.6)",
     )
+    partial_prompt_share: float = param(
+        0.0,
+        "chance that a training t2i prompt leaves an object's colour or shape unsaid (\"a large circle\", "
+        "\"a large red shape\"), so that colour and shape words each learn their own part of the picture; "
+        "validation prompts name everything; 0 = never",
+    )
     interleaved_docs: int = param(2000, "interleaved (edit) Shapes documents per split to draw from; 0 = one per example")
     jsonl_train: str = param("", "JSON Lines file of training documents (source=jsonl)")
     jsonl_eval: str = param("", "JSON Lines file of validation documents (source=jsonl); empty = no eval")

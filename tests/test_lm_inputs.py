@@ -9,6 +9,7 @@ from PIL import Image
 from chameleon_jax import configlib
 from chameleon_jax.data.grain_pipeline import ShardData
 from chameleon_jax.data.shards import decode_record
+from chameleon_jax.data import shapes
 from chameleon_jax.lm_data import LMDataConfig
 from chameleon_jax.sequence import IMAGE, TEXT, OverlongDocumentError
 from train import lm_config
@@ -113,6 +114,28 @@ def test_two_object_share_reweights_training_t2i_and_vqa_only():
     assert share("train", 1.0) == 1.0
     with pytest.raises(ValueError, match="two_object_share=0.3"):
         share("train", 0.3)
+
+
+def test_partial_prompt_share_reaches_training_t2i_prompts_only(tmp_path):
+    from chameleon_jax.data.shapes.mixture import ShapesMixture
+    from train.lm_inputs import tokenize_configs
+    from train.tokenize import shapes_mixture
+
+    def partial(share):
+        src = ShapesMixture("train", 32, {"caption": 1, "t2i": 1, "vqa": 1}, examples=200, backend="generate",
+                            partial_prompt_share=share)
+        docs = [src.document(i) for i in range(300)]
+        t2i = [shapes.parse_caption(d.segments[0].text) is None for d in docs if d.task == "t2i"]
+        captions = [shapes.parse_caption(d.segments[1].text) is None for d in docs if d.task == "caption"]
+        assert t2i and captions and not any(captions)  # captions always name everything
+        return np.mean(t2i)
+
+    assert partial(0.0) == 0.0
+    assert 0.3 < partial(0.3) < 0.65  # a two-object prompt is partial when either object is
+    assert partial(1.0) == 1.0
+    train, val = tokenize_configs(_train_cfg(tmp_path, partial_prompt_share=0.3), tmp_path / "run")
+    assert train.partial_prompt_share == 0.3 and val.partial_prompt_share == 0.0
+    assert shapes_mixture(train, 32)._partial_share == 0.3
 
 
 def test_validation_documents_keep_their_split_mix_and_share_the_vocabulary(tmp_path):

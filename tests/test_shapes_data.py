@@ -256,6 +256,32 @@ def test_task_documents():
         assert d.meta["question_type"] == t and d.meta["answer"] == a
 
 
+def test_partial_prompts_leave_one_attribute_of_an_object_unsaid_and_share_zero_changes_nothing():
+    ex = shapes.make_example(0, "test", 3, 64)
+    objs = spec.canonical(shapes.example_objects(ex))
+    # share 0 draws nothing more: the same prompt, and the stream goes on as before.
+    a, b = np.random.default_rng(5), np.random.default_rng(5)
+    assert shapes.t2i_document(ex, a).segments[0].text == shapes.t2i_document(ex, b, 0.0).segments[0].text
+    assert a.integers(1 << 30) == b.integers(1 << 30)
+    # share 1: each object loses its colour word or its shape word, never both, never its size or cell.
+    left_out = []
+    for seed in range(60):
+        text = shapes.t2i_document(ex, np.random.default_rng(seed), 1.0).segments[0].text
+        assert shapes.parse_caption(text) is None  # not a full description any more
+        for o in objs:
+            assert o.size_name in text and o.position_name in text
+            has_colour, has_shape = o.color_name in text, o.shape_name in text
+            assert has_colour != has_shape, text
+            left_out.append("shape" if has_colour else "color")
+            said = f"{o.size_name} {o.color_name} shape" if has_colour else f"{o.size_name} {o.shape_name}"
+            assert said in text, (said, text)
+    assert 0.3 < left_out.count("color") / len(left_out) < 0.7
+    with pytest.raises(ValueError, match="leave_out"):
+        objs[0].describe("size")
+    with pytest.raises(ValueError, match="partial-prompt share"):
+        shapes.t2i_document(ex, np.random.default_rng(0), 1.5)
+
+
 def test_vqa_training_documents_ask_one_question_of_every_kind_and_few_counts():
     """The training form has the evaluation's layout, one question per document."""
     src = shapes.load("train", 64, backend="generate", sizes={"train": 60})

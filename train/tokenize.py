@@ -70,6 +70,8 @@ class TokenizeConfig:
     interleaved_weight: float = param(0.5, "Shapes mixture weight: interleaved text/image documents")
     interleaved_docs: int = param(2000, "interleaved Shapes documents to draw from; 0 = one per example")
     two_object_share: float = param(0.0, "share of t2i and VQA documents showing two objects; 0 = the split's own")
+    partial_prompt_share: float = param(
+        0.0, "chance that a Shapes t2i prompt leaves an object's colour or shape unsaid; 0 = never")
     seed: int = param(0, "Shapes mixture seed")
     max_docs: int = param(0, "tokenise only the first documents of the source; 0 = all")
     docs_per_shard: int = param(4096, "documents per shard (per process)")
@@ -112,7 +114,7 @@ def shapes_mixture(cfg: TokenizeConfig, image_size: int):
                "interleaved": cfg.interleaved_weight}
     return ShapesMixture(cfg.shapes_split, image_size, weights, seed=cfg.seed, examples=cfg.shapes_examples,
                          backend=cfg.shapes_backend, interleaved_docs=cfg.interleaved_docs,
-                         two_object_share=cfg.two_object_share)
+                         two_object_share=cfg.two_object_share, partial_prompt_share=cfg.partial_prompt_share)
 
 
 def open_source(cfg: TokenizeConfig, image_size: int | None):

@@ -39,11 +39,13 @@ class ShapesMixture:
     weights: task -> mixture weight (tasks of weight 0 never appear). examples: the split's size
     (0 = the data set's default). interleaved_docs: edit documents to draw from (0 = one per
     example). two_object_share: see `one_object_keep` (t2i and VQA only; 0 = the split's own mix).
+    partial_prompt_share: chance that a t2i prompt leaves an object's colour or shape unsaid
+    (`tasks.partial_prompt_attributes`; 0 = every prompt names everything).
     """
 
     def __init__(self, split: str, image_size: int, weights: Mapping[str, float], seed: int = 0,
                  examples: int = 0, backend: str = "auto", interleaved_docs: int = 2000,
-                 two_object_share: float = 0.0):
+                 two_object_share: float = 0.0, partial_prompt_share: float = 0.0):
         from chameleon_jax.data import shapes
 
         self.shapes = shapes
@@ -70,6 +72,9 @@ class ShapesMixture:
                                                                  **self._kw))
         self._split_code = int.from_bytes(hashlib.sha1(split.encode()).digest()[:4], "little")
         self._keep_one_object = one_object_keep(two_object_share)
+        self._partial_share = float(partial_prompt_share)
+        if not 0.0 <= self._partial_share <= 1.0:
+            raise ValueError(f"data.partial_prompt_share={partial_prompt_share} must lie in [0, 1]")
 
     def document(self, index: int) -> Document:
         """Document `index` of the stream. Its meta["picture_keys"] name its pictures within the split
@@ -82,9 +87,11 @@ class ShapesMixture:
             keys = tuple(f"{self.name}/interleaved{j}/{k}" for k in range(len(doc.images)))
         else:
             example = self._example(rng, skew=task != "caption")
-            make = {"caption": self.shapes.caption_document, "t2i": self.shapes.t2i_document,
-                    "vqa": self.shapes.vqa_document}[task]
-            doc = make(example, rng)
+            if task == "t2i":
+                doc = self.shapes.t2i_document(example, rng, self._partial_share)
+            else:
+                make = {"caption": self.shapes.caption_document, "vqa": self.shapes.vqa_document}[task]
+                doc = make(example, rng)
             keys = (f"{self.name}/{int(example['index'])}",)
         return dataclasses.replace(doc, meta={**doc.meta, "picture_keys": keys})
 

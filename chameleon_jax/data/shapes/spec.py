@@ -117,8 +117,15 @@ class ObjectAttrs:
             "position": self.position_name,
         }
 
-    def describe(self) -> str:
-        """"large red circle" (no position)."""
+    def describe(self, leave_out: str | None = None) -> str:
+        """"large red circle" (no position); leave_out="color" gives "large circle" and
+        leave_out="shape" gives "large red shape"."""
+        if leave_out == "color":
+            return f"{self.size_name} {self.shape_name}"
+        if leave_out == "shape":
+            return f"{self.size_name} {self.color_name} shape"
+        if leave_out is not None:
+            raise ValueError(f"leave_out must be None, 'color' or 'shape', got {leave_out!r}")
         return f"{self.size_name} {self.color_name} {self.shape_name}"
 
     @property

@@ -30,9 +30,9 @@ def caption_document(example: Mapping[str, Any], rng: np.random.Generator) -> Do
     )
 
 
-def _prompt(objects: list, rng: np.random.Generator) -> str:
+def _prompt(objects: list, rng: np.random.Generator, leave_out: tuple | None = None) -> str:
     templates = text.ONE_OBJECT_PROMPTS if len(objects) == 1 else text.TWO_OBJECT_PROMPTS
-    return text.prompt(objects, int(rng.integers(len(templates))), rng)
+    return text.prompt(objects, int(rng.integers(len(templates))), rng, leave_out)
 
 
 def t2i_prompt(example: Mapping[str, Any], rng: np.random.Generator) -> str:
@@ -40,10 +40,29 @@ def t2i_prompt(example: Mapping[str, Any], rng: np.random.Generator) -> str:
     return _prompt(records.example_objects(example), rng)
 
 
-def t2i_document(example: Mapping[str, Any], rng: np.random.Generator) -> Document:
-    """[prompt (prompt), image (target)], the prompt as `t2i_prompt` writes it."""
+def partial_prompt_attributes(num_objects: int, share: float, rng: np.random.Generator) -> tuple | None:
+    """Which attribute each object's prompt leaves unsaid: with chance `share` an object loses its
+    colour or its shape (one of the two, evenly), else nothing ("color" / "shape" / None, in
+    reading order). None, drawing nothing from `rng`, when `share` is 0.
+
+    A prompt that names a shape without its colour ("a large circle") ties the shape word to the
+    object's outline alone, and one that names a colour without its shape ("a large red shape")
+    ties the colour word to its ink alone: the model sees the two words do separate jobs, which a
+    (colour, shape) pair it has never drawn needs.
+    """
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"the partial-prompt share must lie in [0, 1], got {share}")
+    if share == 0.0:
+        return None
+    return tuple(("color", "shape")[int(rng.integers(2))] if rng.random() < share else None
+                 for _ in range(num_objects))
+
+
+def t2i_document(example: Mapping[str, Any], rng: np.random.Generator, partial_share: float = 0.0) -> Document:
+    """[prompt (prompt), image (target)], the prompt as `t2i_prompt` writes it; with `partial_share`
+    some objects' colour or shape is left unsaid (`partial_prompt_attributes`)."""
     objects = records.example_objects(example)
-    prompt = _prompt(objects, rng)
+    prompt = _prompt(objects, rng, partial_prompt_attributes(len(objects), partial_share, rng))
     return Document(
         (Segment(text=prompt, is_target=False), Segment(image=example["image"])),
         task="t2i",

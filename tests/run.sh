@@ -8,5 +8,6 @@ source .ci/python_env.sh
 "$PY" -m pip install -q -e ".[dev,hf]"
 export JAX_PLATFORMS=cpu
 # One file per worker at a time (module fixtures and compiled programs are shared within a
-# file), in collection order: conftest.py puts the files with slow tests first.
-"$PY" -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"
+# file), in collection order: conftest.py puts the files with slow tests first. The 25 slowest
+# tests are listed at the end.
+"$PY" -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25 "$@"

@@ -34,7 +34,7 @@ class EvalConfig:
     temperature: float = param(0.0, "text sampling temperature (0 = greedy)")
     image_temperature: float = param(
         0.0, "image-code sampling temperature (0 = greedy). Greedy by default: the judge scores exact attributes, "
-             "and sampling at 1.0 scatters stray fragments (960-step demo model, t2i seen: 0.24 greedy, 0.13 at 1.0)"
+             "and sampling at 1.0 scatters stray fragments (docs/experiments.md)"
     )
     image_top_k: int = param(0, "top-k for image codes (0 = off)")
     cfg_scale: float = param(

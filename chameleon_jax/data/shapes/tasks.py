@@ -76,10 +76,8 @@ def _vqa_segments(image: np.ndarray, question: str, answer: str) -> tuple[Segmen
     The question comes first so that the picture is read knowing what is asked: each image code
     can take in whether it lies in the cell the question names, and the answer then reads the
     codes marked so. With the picture first, the answer alone had to find the object the question
-    means. In 1250-step demo runs, asked the colour of the second object (in reading order) of a
-    two-object picture, the model answered right 23 times of 49 with the picture first (22 times
-    it gave the first object's colour) and 38 times of 49 with the question first. Questions that
-    name the object and ask its cell stayed at chance in both layouts.
+    means, and often answered about the first object when asked about the second
+    (docs/experiments.md has the figures).
     """
     return (Segment(text=question, is_target=False), Segment(image=image, is_target=False),
             Segment(text=answer, end_turn=True))

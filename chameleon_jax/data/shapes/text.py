@@ -103,7 +103,7 @@ def caption(objects: Sequence[spec.ObjectAttrs], template: int, rng: np.random.G
 
     With the two objects in random order, a captioner had to pick one and keep to it across its
     size, colour and shape words; in reading order the first one named is always the one met first
-    (1250-step demo runs: exact match on two-object pictures 0.36 -> 0.69, t2i seen 0.45 -> 0.53).
+    (docs/experiments.md has the figures).
     """
     return _describe(objects, ONE_OBJECT_TEMPLATES, TWO_OBJECT_TEMPLATES, template, rng)
 
@@ -115,9 +115,10 @@ def prompt(objects: Sequence[spec.ObjectAttrs], template: int, rng: np.random.Ge
     `leave_out` (per object in reading order: "color", "shape" or None) leaves an attribute unsaid,
     as in "at the top, a large circle" (a partial prompt: any colour fits).
 
-    In 1250-step demo runs, seen pairs were drawn right 0.48 of the time with the captions as
-    prompts (object first), 0.58 with every caption cell first (but caption exact match fell from
-    0.84 to 0.765), and 0.57 with these prompts beside object-first captions (caption 0.845).
+    With the cell first, each code generated for a cell finds what belongs there by the cell's
+    words alone; captions keep the object first, which captioning needs. Pictures drawn from these
+    prompts beat pictures drawn from captions, and captions written cell first hurt captioning
+    (docs/experiments.md).
     """
     return _describe(objects, ONE_OBJECT_PROMPTS, TWO_OBJECT_PROMPTS, template, rng, leave_out)
 

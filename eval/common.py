@@ -139,8 +139,9 @@ def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, *, t
     With several processes each generates its contiguous share of every batch (rows keep
     their place in the batch, so the samples are the one-process ones) and every process
     gets all the results. `timings`, when given, receives one (rows, forward passes,
-    seconds) tuple per batch: the loop's steps with the prefill counted as one, and the
-    wall time of the call (the first call of a shape includes its compilation).
+    seconds, shape) tuple per batch: the loop's steps with the prefill counted as one, the
+    wall time of the call, and the (rows, padded prompt length) the loop was compiled for
+    (the first call of a shape includes its compilation).
     """
     import jax
     from tqdm import tqdm
@@ -158,7 +159,8 @@ def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, *, t
         out = pipe.generate_ids(ids, seed=cfg.seed + i, stream_ids=mine, **_with_default_budget(pipe, kwargs))
         tokens = gather_token_lists(out.tokens)
         if timings is not None:
-            timings.append((len(chunk), out.steps, time.perf_counter() - start))
+            shape = (len(ids), getattr(out, "prompt_len", None))
+            timings.append((len(chunk), out.steps, time.perf_counter() - start, shape))
         results.extend(pipe.segments_of_rows(tokens))
         bar.update(len(chunk))
     bar.close()

@@ -37,13 +37,19 @@ def decode_cost(name: str, timings: list) -> dict[str, float]:
     """Forward passes per picture and seconds per picture of one run of `generate_images`.
 
     Rows of a batch advance in the same passes, so a batch's passes are each of its
-    pictures' passes. Seconds count the batches of the first batch's size after the first
-    (the first of a shape compiles the loop), or every batch when there are no such.
+    pictures' passes. Seconds leave out the first batch of each compiled shape (rows,
+    padded prompt length), whose call compiles the loop; when every batch is such a
+    first, all of them count.
     """
-    timed = [t for t in timings[1:] if t[0] == timings[0][0]] or timings
+    seen, timed = set(), []
+    for rows, passes, seconds, shape in timings:
+        if shape in seen:
+            timed.append((rows, seconds))
+        seen.add(shape)
+    timed = timed or [(rows, seconds) for rows, _, seconds, _ in timings]
     return {
-        f"{name}_forward_passes_per_image": sum(r * p for r, p, _ in timings) / sum(r for r, _, _ in timings),
-        f"{name}_seconds_per_image": sum(s for _, _, s in timed) / sum(r for r, _, _ in timed),
+        f"{name}_forward_passes_per_image": sum(r * p for r, p, _, _ in timings) / sum(t[0] for t in timings),
+        f"{name}_seconds_per_image": sum(s for _, s in timed) / sum(r for r, _ in timed),
     }
 
 

@@ -17,7 +17,8 @@ class CountingPipe:
         return list(prompt[0])
 
     def generate_ids(self, ids, seed, stream_ids, **kwargs):
-        return types.SimpleNamespace(tokens=[list(x) for x in ids], steps=max(len(x) for x in ids))
+        longest = max(len(x) for x in ids)
+        return types.SimpleNamespace(tokens=[list(x) for x in ids], steps=longest, prompt_len=16 * -(-longest // 16))
 
     def segments_of_rows(self, rows):
         return rows
@@ -29,14 +30,17 @@ def test_generate_all_records_rows_passes_and_seconds_per_batch():
     prompts = [["ab"], ["abcd"], ["a"], ["abc"], ["ab"]]
     out = common.generate_all(CountingPipe(), prompts, cfg, "test", timings=timings, modality="image")
     assert out == [list(p[0]) for p in prompts]
-    assert [(rows, passes) for rows, passes, _ in timings] == [(2, 4), (2, 3), (1, 2)]
-    assert all(seconds >= 0 for _, _, seconds in timings)
+    assert [(rows, passes, shape) for rows, passes, _, shape in timings] == [(2, 4, (2, 16)), (2, 3, (2, 16)),
+                                                                            (1, 2, (1, 16))]
+    assert all(seconds >= 0 for _, _, seconds, _ in timings)
 
 
 def test_decode_cost_weights_passes_by_rows_and_leaves_out_compiling_batches():
-    timings = [(4, 10, 9.0), (4, 6, 2.0), (4, 8, 4.0), (2, 5, 7.0)]  # first and odd-sized batches compile
+    # The first batch of each compiled shape (rows, padded prompt length) compiles the loop.
+    timings = [(4, 10, 9.0, (4, 16)), (4, 6, 2.0, (4, 16)), (4, 8, 8.0, (4, 32)), (4, 8, 4.0, (4, 32)),
+               (2, 5, 7.0, (2, 16))]
     cost = decode_cost("t2i_seen", timings)
-    assert cost["t2i_seen_forward_passes_per_image"] == pytest.approx((40 + 24 + 32 + 10) / 14)
+    assert cost["t2i_seen_forward_passes_per_image"] == pytest.approx((40 + 24 + 32 + 32 + 10) / 18)
     assert cost["t2i_seen_seconds_per_image"] == pytest.approx(6.0 / 8)
-    one = decode_cost("x", [(3, 7, 3.0)])  # a single batch is all there is to time
+    one = decode_cost("x", [(3, 7, 3.0, (3, 16))])  # a single batch is all there is to time
     assert one == {"x_forward_passes_per_image": 7.0, "x_seconds_per_image": 1.0}

@@ -1,6 +1,7 @@
 """The end-to-end demo: data, image tokenizer, text vocabulary, transformer, every evaluation, one report.
 
-    python -m eval.demo [preset=demo|tiny] [run_dir=runs/demo] [lm.steps=...] [vq.steps=...] [overwrite=true]
+    python -m eval.demo [preset=demo|tiny] [run_dir=runs/demo] [schedule=auto|cpu|long] [lm.steps=...] [vq.steps=...]
+                        [overwrite=true]
 
 Stages (each prints a banner and its time; finished stages are reused on the next
 run unless `overwrite=true`, and an evaluation is redone when its inputs change):
@@ -25,7 +26,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
@@ -42,6 +43,12 @@ class DemoConfig:
 
     run_dir: str = param("runs/demo", "where everything goes (stage folders, eval/, metrics.json, report.html)")
     overwrite: bool = param(False, "redo every stage instead of reusing finished ones")
+    schedule: Literal["auto", "cpu", "long"] = param(
+        "auto", "how long the transformer trains: `cpu` runs lm.steps as given (the demo's are sized for a 2-core "
+                "laptop), `long` runs long_steps_factor times as many (its figures still climb with steps), "
+                "`auto` is `long` when JAX's default backend is an accelerator and `cpu` otherwise; the demo "
+                "prints which it chose")
+    long_steps_factor: int = param(4, "how many times lm.steps (and its eval and checkpoint intervals) the long schedule runs")
     image_size: int = param(32, "Shapes picture size (24, 32, 64 or 128); the tokenizer, the LM data and the evaluations take it. At 32 the tokenizer's 4x4 codes straddle the 3x3 layout's cells: objects cross code edges and neighbours share codes. image_size=24 vq.steps=6000 is the one-code-per-cell regime (the `shapes24` tokenizer: each code a whole cell)")
     judge_examples: int = param(1000, "ground-truth pictures per split on which the judge is scored (0 = all)")
     vq_examples: int = param(1000, "test pictures on which the image tokenizer is scored (0 = all)")
@@ -77,6 +84,24 @@ def _tiny() -> DemoConfig:
 
 
 PRESETS = {"demo": _demo, "tiny": _tiny}
+
+
+def with_schedule(cfg: DemoConfig, backend: str) -> tuple[DemoConfig, str]:
+    """`cfg` with its schedule resolved for `backend` (jax.default_backend()), and the schedule's name.
+
+    The long schedule multiplies the transformer's steps and its eval and checkpoint
+    intervals, so the learning-rate schedule stretches with it; the tokenizer keeps its
+    steps (its reconstructions are not what limits the figures).
+    """
+    if cfg.long_steps_factor < 1:
+        raise ValueError(f"long_steps_factor must be >= 1, got {cfg.long_steps_factor}")
+    name = cfg.schedule if cfg.schedule != "auto" else ("cpu" if backend == "cpu" else "long")
+    if name == "long":
+        f, lm = cfg.long_steps_factor, cfg.lm
+        lm = dataclasses.replace(lm, steps=lm.steps * f, eval_interval=lm.eval_interval * f,
+                                 checkpoint_interval=lm.checkpoint_interval * f)
+        cfg = dataclasses.replace(cfg, lm=lm)
+    return dataclasses.replace(cfg, schedule=name), name
 
 def _banner(name: str) -> float:
     print(f"\n=== {name} " + "=" * max(0, 60 - len(name)), flush=True)
@@ -180,6 +205,11 @@ def run(cfg: DemoConfig) -> Path:
     from eval.report import write_report
     from train import lm as train_lm
 
+    import jax
+
+    backend = jax.default_backend()
+    cfg, schedule = with_schedule(cfg, backend)
+    print(f"schedule: {schedule} (backend {backend}): the transformer trains {cfg.lm.steps} steps", flush=True)
     run_dir = Path(cfg.run_dir)
     if cfg.overwrite and run_dir.exists():
         shutil.rmtree(run_dir)

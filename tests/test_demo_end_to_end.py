@@ -26,6 +26,28 @@ def test_one_shapes_build_covers_every_stage():
     assert demo.shapes_sizes(demo.PRESETS["tiny"]()) is None
 
 
+def test_the_schedule_is_long_on_an_accelerator_and_as_given_on_a_cpu():
+    from eval import demo
+
+    cfg = demo.PRESETS["demo"]()
+    same, name = demo.with_schedule(cfg, "cpu")
+    assert name == "cpu" and same.lm == cfg.lm
+    for backend in ("gpu", "tpu"):
+        long, name = demo.with_schedule(cfg, backend)
+        assert name == "long" and long.schedule == "long"
+        assert long.lm.steps == 4 * cfg.lm.steps
+        assert long.lm.eval_interval == 4 * cfg.lm.eval_interval
+        assert long.lm.checkpoint_interval == 4 * cfg.lm.checkpoint_interval
+        assert long.lm.optim == cfg.lm.optim and long.vq == cfg.vq
+    # An explicit schedule wins over the backend.
+    pinned = configlib.apply_overrides(cfg, ["schedule=cpu"])
+    assert demo.with_schedule(pinned, "gpu")[0].lm == cfg.lm
+    twice = configlib.apply_overrides(cfg, ["schedule=long", "long_steps_factor=2"])
+    assert demo.with_schedule(twice, "cpu")[0].lm.steps == 2 * cfg.lm.steps
+    with pytest.raises(ValueError, match="long_steps_factor"):
+        demo.with_schedule(configlib.apply_overrides(cfg, ["long_steps_factor=0"]), "gpu")
+
+
 @pytest.mark.parametrize("preset", ["demo", "tiny"])
 def test_the_demo_codes_straddle_the_layout_cells(preset):
     """No code is a whole cell: the code grid is finer than the 3x3 layout and its lines do not

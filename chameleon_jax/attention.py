@@ -2,8 +2,9 @@
 
 The kernels live in `chameleon_jax.kernels`, one module each (XLA or cuDNN, chunked,
 naive, splash, ring, decode), with the rule that picks one (`resolve_implementation`,
-`dot_product_attention`). A one-token decode step skips the dispatch: two einsums
-straight off the [B, K, S, H] cache (`decode_step_attention`).
+`dot_product_attention`). A decode step, or a speculative window of up to
+`MAX_CACHED_QUERIES` tokens, skips the dispatch: einsums straight off the [B, K, S, H]
+cache read before the pass writes it (`decode_step_attention`).
 
 Masks are boolean, True = may attend, shaped [batch, 1, T, S] (broadcast over heads).
 Masked logits get a large finite negative value, so a row that may attend to nothing
@@ -27,6 +28,7 @@ from chameleon_jax.kernels import (  # noqa: F401  (the kernels' names, as this 
     naive_attention,
     resolve_implementation,
 )
+from chameleon_jax.kernels.decode import MAX_CACHED_QUERIES
 from chameleon_jax.kv_cache import CACHE_AXES, read_layer, write_layer
 from chameleon_jax.layers import QKNorm, apply_rope, dense, dtype_of, make_param, normal
 from chameleon_jax.sharding import constrain
@@ -41,11 +43,14 @@ def segment_mask(segment_ids_bt: jax.Array) -> jax.Array:
 
 
 def decode_mask(kv_mask_bs: jax.Array, write_index: jax.Array, num_queries: int) -> jax.Array:
-    """[B, 1, T, S]: query t (stored at slot write_index + t) sees slot s iff kv_mask[b, s] and s <= write_index + t."""
+    """[B, 1, T, S]: query t (stored at slot write_index + t) sees slot s iff kv_mask[b, s] and s <= write_index + t.
+
+    write_index: one slot for every row, or int32 [B], each row's own."""
     slots_s = jnp.arange(kv_mask_bs.shape[1], dtype=jnp.int32)
-    query_slot_t = jnp.asarray(write_index, jnp.int32) + jnp.arange(num_queries, dtype=jnp.int32)
-    causal_ts = slots_s[None, :] <= query_slot_t[:, None]
-    return (kv_mask_bs.astype(bool)[:, None, :] & causal_ts[None])[:, None]
+    write_b1 = jnp.broadcast_to(jnp.asarray(write_index, jnp.int32), kv_mask_bs.shape[:1])[:, None]
+    query_slot_bt = write_b1 + jnp.arange(num_queries, dtype=jnp.int32)
+    causal_bts = slots_s[None, None, :] <= query_slot_bt[:, :, None]
+    return (kv_mask_bs.astype(bool)[:, None, :] & causal_bts)[:, None]
 
 
 # --------------------------------------------------------------------------- layer
@@ -113,7 +118,7 @@ class Attention(nnx.Module):
                 q_btnh, k_btkh, v_btkh, mask_b1ts, is_causal=is_causal, implementation=self.implementation,
                 segment_ids_bt=segment_ids_bt,
             )
-        elif q_btnh.shape[1] == 1:
+        elif q_btnh.shape[1] <= MAX_CACHED_QUERIES:
             k_bksh, v_bksh = (constrain(a, CACHE_AXES) for a in read_layer(*cache, layer))
             out_btnh = decode_step_attention(q_btnh, k_bksh, v_bksh, k_btkh, v_btkh, mask_b1ts, write_index)
             # XLA writes the cache in place only when the write provably follows the read,

@@ -78,35 +78,27 @@ def write_layer(k: jax.Array, v: jax.Array, write_index, k_btkh: jax.Array, v_bt
     """k and v with T new entries of one layer stored in slots [write_index, write_index + T).
 
     k, v: that layer's [B, K, S, H] arrays, or (with `layer`) stacked [L, B, K, S, H] ones.
+    write_index: one slot for every row, or int32 [B], each row's own (a per-row scatter).
     Only the new entries are written (an in-place update inside a jitted loop, as long as
     nothing reads the written arrays afterwards in the same step). `write_index + T` must
     not exceed max_len: XLA clamps out-of-range slices.
     """
+    write_index = jnp.asarray(write_index, jnp.int32)
     zero = jnp.zeros((), jnp.int32)
-    start = (zero, zero, jnp.asarray(write_index, jnp.int32), zero)
     k_bkth = k_btkh.astype(k.dtype).transpose(0, 2, 1, 3)
     v_bkth = v_btkh.astype(v.dtype).transpose(0, 2, 1, 3)
+    if write_index.ndim == 1:  # each row at its own slot: the batch axis is -4 of the cache
+        def put(cache, new_bkth):
+            put_row = lambda row_kth, new_kth, at: jax.lax.dynamic_update_slice_in_dim(row_kth, new_kth, at, axis=1)
+            if layer is None:
+                return jax.vmap(put_row)(cache, new_bkth, write_index)
+            rows = jax.lax.dynamic_index_in_dim(cache, layer, axis=0, keepdims=False)
+            rows = jax.vmap(put_row)(rows, new_bkth, write_index)
+            return jax.lax.dynamic_update_index_in_dim(cache, rows, layer, axis=0)
+
+        return put(k, k_bkth), put(v, v_bkth)
+    start = (zero, zero, write_index, zero)
     if layer is not None:
         start = (jnp.asarray(layer, jnp.int32), *start)
         k_bkth, v_bkth = k_bkth[None], v_bkth[None]
     return jax.lax.dynamic_update_slice(k, k_bkth, start), jax.lax.dynamic_update_slice(v, v_bkth, start)
-
-
-def move_rows(cache: KVCache, src_index: int, width: int, dst_index_b: jax.Array) -> KVCache:
-    """The cache with slots [src_index, src_index + width) of each row copied to that row's
-    [dst_index_b[b], dst_index_b[b] + width), in every layer.
-
-    A decode step that runs a window of tokens at one shared slot range (the model writes
-    every row at the same `write_index`) moves each row's window to where that row's
-    sequence continues; rows may sit at different lengths. Only the window is read and
-    written (a per-row scatter, in place inside a jitted loop). `dst_index_b + width` must
-    not exceed max_len.
-    """
-
-    def move(a):  # [B, K, S, H] or stacked [L, B, K, S, H]; batch is axis -4, slots axis -2
-        window = jax.lax.dynamic_slice_in_dim(a, src_index, width, axis=-2)
-        put = jax.vmap(lambda row, w, at: jax.lax.dynamic_update_slice_in_dim(row, w, at, axis=-2),
-                       in_axes=(a.ndim - 4, a.ndim - 4, 0), out_axes=a.ndim - 4)
-        return put(a, window, jnp.asarray(dst_index_b, jnp.int32))
-
-    return jax.tree.map(move, cache)

@@ -197,9 +197,10 @@ class Transformer(nnx.Module):
         """Runs T new tokens against the cache; returns their logits [B, T, V] and the new cache.
 
         Their keys and values (rotated at positions_bt) go to slots [write_index, write_index+T)
-        of every row. Query t of row b sees slot s iff kv_mask_bs[b, s] and s <= write_index + t,
-        so kv_mask_bs must already be True at the new tokens' slots. Prefill is T = prompt
-        length with write_index 0; a step is T = 1.
+        of every row, or with an int32 [B] write_index to each row's own slots. Query t of row
+        b sees slot s iff kv_mask_bs[b, s] and s <= write_index + t, so kv_mask_bs must
+        already be True at the new tokens' slots. Prefill is T = prompt length with
+        write_index 0; a step is T = 1.
 
         image_index_bt: with `image_positions`, each new token's index in its image
         (`image_positions.image_index`; -1 outside images). Default: read from tokens_bt

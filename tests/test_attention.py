@@ -83,6 +83,26 @@ def test_decode_step_reads_the_cache_from_before_its_write(kv_heads):
     assert bool(jnp.isfinite(nothing).all())
 
 
+def test_a_window_of_queries_reads_the_cache_from_before_its_write_at_each_rows_own_slot():
+    """T = 3 queries per row, written at slots 5 and 2: each sees the earlier slots its mask allows
+    and its own window's keys causally, never the stale cache entries under the window."""
+    q, k, v = qkv(t=3, s=9, k=2, seed=3)
+    write_b = jnp.asarray([5, 2], jnp.int32)
+    kv_mask = jnp.asarray([[False, True, True, True, True, True, True, True, False], [True] * 9])
+    mask = decode_mask(kv_mask, write_b, 3)
+    assert mask.shape == (2, 1, 3, 9)
+    np.testing.assert_array_equal(np.asarray(mask[1, 0, 0]), np.arange(9) <= 2)
+    # The full keys/values: row b's window at slots [write_b[b], write_b[b] + 3).
+    k_new, v_new = qkv(t=3, s=3, k=2, seed=4)[1:]
+    full_k, full_v = np.array(k), np.array(v)
+    for row, at in enumerate([5, 2]):
+        full_k[row, at:at + 3], full_v[row, at:at + 3] = k_new[row], v_new[row]
+    ref = reference(q, full_k, full_v, np.asarray(mask[:, 0]))
+    stale_k, stale_v = (a.transpose(0, 2, 1, 3) for a in (k, v))  # the cache before the write
+    out = decode_step_attention(q, stale_k, stale_v, k_new, v_new, mask, write_b)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
 def test_query_that_may_see_nothing_stays_finite():
     q, k, v = qkv(t=1, s=4)
     nothing = jnp.zeros((2, 1, 1, 4), bool)

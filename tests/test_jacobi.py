@@ -3,6 +3,7 @@ every picture has exactly codes_per_image codes."""
 
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,14 +169,58 @@ def test_the_check_catches_a_rule_that_keeps_every_draft(sequential_pictures, mo
 
 
 @pytest.mark.parametrize("stacked", [False, True])
-def test_move_rows_copies_each_rows_window_to_its_own_slots(stacked):
-    from chameleon_jax.kv_cache import KVCache, move_rows
+def test_write_layer_puts_each_rows_entries_at_its_own_slots(stacked):
+    from chameleon_jax.kv_cache import KVCache, write_layer
 
     cache = KVCache.zeros(2, 3, 10, 1, 2, jnp.float32, stacked=stacked)
-    cache = jax.tree.map(lambda a: a + jnp.arange(10, dtype=jnp.float32)[:, None], cache)  # slot s holds s
-    moved = move_rows(cache, 7, 3, jnp.asarray([0, 2, 5]))
-    for k in (moved.k if not stacked else [moved.k[0], moved.k[1]]):
-        slots = np.asarray(k[:, 0, :, 0])  # [rows, slots]
-        assert slots[0].tolist() == [7, 8, 9, 3, 4, 5, 6, 7, 8, 9]
-        assert slots[1].tolist() == [0, 1, 7, 8, 9, 5, 6, 7, 8, 9]
-        assert slots[2].tolist() == [0, 1, 2, 3, 4, 7, 8, 9, 8, 9]
+    new_btkh = jnp.broadcast_to(100.0 + jnp.arange(3, dtype=jnp.float32)[None, :, None, None], (3, 3, 1, 2))
+    k, v = cache.layer(1)
+    k, v = write_layer(k, v, jnp.asarray([0, 2, 7]), new_btkh, -new_btkh, layer=1 if stacked else None)
+    for layer_k, layer_v, written in ((k[1], v[1], True), (k[0], v[0], False)) if stacked else ((k, v, True),):
+        slots = np.asarray(layer_k[:, 0, :, 0])  # [rows, slots]
+        if not written:
+            assert not slots.any()
+            continue
+        assert slots[0].tolist() == [100, 101, 102, 0, 0, 0, 0, 0, 0, 0]
+        assert slots[1].tolist() == [0, 0, 100, 101, 102, 0, 0, 0, 0, 0]
+        assert slots[2].tolist() == [0, 0, 0, 0, 0, 0, 0, 100, 101, 102]
+        np.testing.assert_array_equal(np.asarray(layer_v[:, 0, :, 0]), -slots)
+
+
+def test_a_window_written_at_each_rows_own_slot_gives_the_logits_of_one_step_at_a_time():
+    """decode with an int32 [B] write index: T tokens per row at that row's slots (rows at
+    different lengths) give the logits and cache of feeding them one by one at a shared slot."""
+    from chameleon_jax.config import MODEL_PRESETS
+    from chameleon_jax.kv_cache import KVCache
+    from chameleon_jax.transformer import Transformer
+    from flax import nnx
+
+    cfg = dataclasses.replace(MODEL_PRESETS["tiny"](), max_seq_len=32)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    b, s, t = 2, 16, 3
+    lengths = np.asarray([4, 7])  # tokens already in each row's cache
+    history = jnp.asarray(rng.integers(5, cfg.vocab_size, (b, 7)), jnp.int32)
+    window = jnp.asarray(rng.integers(5, cfg.vocab_size, (b, t)), jnp.int32)
+    slots = np.arange(s)
+
+    def fresh():
+        cache = KVCache.zeros(cfg.num_layers, b, s, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+        _, cache = model.decode(history, jnp.arange(7)[None].repeat(b, 0), cache, 0, jnp.ones((b, s), bool))
+        return cache
+
+    # One call, each row writing at its own length.
+    mask = jnp.asarray(slots[None] < lengths[:, None] + t)
+    positions = jnp.asarray(lengths[:, None] + np.arange(t))
+    logits, cache = model.decode(window, positions, fresh(), jnp.asarray(lengths, jnp.int32), mask)
+    # Row by row, token by token, at a shared slot.
+    for row in range(b):
+        ref_cache = jax.tree.map(lambda a: a[row:row + 1], fresh())
+        for j in range(t):
+            at = int(lengths[row]) + j
+            ref, ref_cache = model.decode(window[row:row + 1, j:j + 1], jnp.asarray([[at]]), ref_cache, at,
+                                          jnp.asarray(slots[None] <= at))
+            np.testing.assert_allclose(logits[row, j], ref[0, 0], atol=1e-5)
+        for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(ref_cache)):
+            n = int(lengths[row]) + t
+            np.testing.assert_allclose(got[row, :, :n], want[0, :, :n], atol=1e-6)

@@ -22,12 +22,11 @@ through the sequential loop's own choice (`decode._choose`, run per row), so
 every row advances by its own count. A step in which no row draws feeds one
 token per row instead of the window.
 
-Cache: S = P + limit + W slots per row, W = L + 1. The model writes all rows of
-a call at the same slots, so every step runs at the staging slots
-[P + limit, S) and then moves each row's window to where that row continues
-(`kv_cache.move_rows`): generated token t sits in slot P + t, as in the
-sequential loop. Slots past a row's committed tokens hold rejected drafts;
-the mask hides them and the row's later steps overwrite them.
+Cache: S = P + limit + W slots per row, W = L + 1 (a window may reach past the
+last token the loop keeps). Each pass writes every row at its own slots (a per-row
+write index): generated token t sits in slot P + t, as in the sequential loop.
+Slots past a row's committed tokens hold rejected drafts; the mask hides them and
+the row's later passes overwrite them.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ import jax.numpy as jnp
 from chameleon_jax.generation import guidance as guidance_lib
 from chameleon_jax.generation import modes
 from chameleon_jax.generation import sampling
-from chameleon_jax.kv_cache import move_rows
 
 DECODINGS = ("sequential", "jacobi")
 INITS = ("uniform", "left")  # fresh drafts: uniform over the image codes, or the code to their left
@@ -52,7 +50,8 @@ def window_size(jacobi_window: int, codes_per_image: int) -> int:
 
 
 def staging_slots(spec) -> int:
-    """Cache slots the loop needs past P + limit: the window and the token before it (0 when sequential)."""
+    """Cache slots the loop needs past P + limit, where a last window may write: the window and
+    the token before it (0 when sequential)."""
     return spec.jacobi_window + 1 if spec.jacobi_window > 0 else 0
 
 
@@ -167,8 +166,7 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
     window = spec.jacobi_window
     width = window + 1
     rows = batch * streams
-    stage = padded + limit
-    slots_s = jnp.arange(stage + width, dtype=jnp.int32)
+    slots_s = jnp.arange(padded + limit + width, dtype=jnp.int32)
     is_guide_r = guidance_lib.guidance_row_mask(rows, streams)
     vocab = logits_bv.shape[-1]
     choose_key, jacobi_key = jax.random.split(key)
@@ -188,16 +186,15 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
         return jax.vmap(one)(guidance_lib.prompt_streams(logits_rv, streams), state, n_b, row_ids_b)
 
     def feed(c, tokens_rt, index_rt):
-        """Runs T tokens per row at the staging slots and moves them to each row's next slots."""
+        """Runs T tokens per row, written to each row's next slots."""
         t = tokens_rt.shape[1]
         at_r = guidance_lib.to_rows(padded + c.n_b - 1, streams)  # the slot the first fed token belongs in
         # A guidance row that is fed <boi> forgets everything generated before it.
         first_r = jnp.where(is_guide_r & (tokens_rt[:, 0] == tables.boi_id), at_r, c.first_r)
-        visible_rs = (base_mask_rs | ((slots_s >= first_r[:, None]) & (slots_s < at_r[:, None]))
-                      | (slots_s >= stage))
+        visible_rs = base_mask_rs | ((slots_s >= first_r[:, None]) & (slots_s < at_r[:, None] + t))
         positions_rt = jnp.maximum(base_len_r + at_r - first_r, 0)[:, None] + jnp.arange(t, dtype=jnp.int32)
-        logits_rtv, cache = run_model(tokens_rt, positions_rt, c.cache, jnp.int32(stage), visible_rs, index_rt)
-        return logits_rtv, move_rows(cache, stage, width, at_r), first_r
+        logits_rtv, cache = run_model(tokens_rt, positions_rt, c.cache, at_r, visible_rs, index_rt)
+        return logits_rtv, cache, first_r
 
     def commit(c, cache, first_r, tokens_bw, count_b, chosen_bwv, drafts_bl, q_blv, carried_b):
         """Appends each row's first count_b tokens and moves its state past them."""
@@ -293,8 +290,17 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
     def keep_going(c: _Carry):
         return (c.it < limit) & ~jnp.all(c.row_state.done_b)
 
-    def step_fn(c: _Carry) -> _Carry:
-        return jax.lax.cond(jnp.any(drawing(c.row_state)), window_step, single_step, c)
+    def any_drawing(c: _Carry):
+        return jnp.any(drawing(c.row_state))
+
+    def phases(c: _Carry) -> _Carry:
+        """Single steps while no row draws, then window steps while any row does.
+
+        Two inner loops rather than a `lax.cond` per step: a conditional's result is a new
+        buffer, so XLA would copy the whole KV cache into and out of it on every step,
+        while a loop updates its carry in place."""
+        c = jax.lax.while_loop(lambda c: keep_going(c) & ~any_drawing(c), single_step, c)
+        return jax.lax.while_loop(lambda c: keep_going(c) & any_drawing(c), window_step, c)
 
     out_bm = jnp.full((batch, limit + width), tables.pad_id, jnp.int32).at[:, 0].set(token_b)
     logits_bmv = jnp.zeros((batch, limit + width, vocab if spec.return_logits else 0), jnp.float32)
@@ -305,5 +311,5 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
         jnp.zeros((batch, window), jnp.int32), jnp.zeros((batch, window, vocab), jnp.float32),
         jnp.zeros((batch,), jnp.int32),
     )
-    carry = jax.lax.while_loop(keep_going, step_fn, carry)
+    carry = jax.lax.while_loop(keep_going, phases, carry)
     return carry.out_bm[:, :limit], carry.n_b, carry.it, carry.logits_bmv[:, :limit]

@@ -7,7 +7,7 @@ against K key/value heads, the keys never repeated):
 - `chunked.chunked_attention`: query blocks that skip the keys causality hides (CPU);
 - `splash.splash_attention`: Pallas splash attention (TPU; interpret mode elsewhere);
 - `ring.ring_attention`: tokens split over a mesh axis, keys passed around the ring;
-- `decode.decode_step_attention`: one query per row against the KV cache;
+- `decode.decode_step_attention`: a decode step's few queries per row against the KV cache;
 - XLA's `jax.nn.dot_product_attention` (`xla`, or `cudnn` flash attention on GPU).
 
 `dot_product_attention` dispatches: ring attention wherever the rules table splits

@@ -224,3 +224,33 @@ def test_a_window_written_at_each_rows_own_slot_gives_the_logits_of_one_step_at_
         for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(ref_cache)):
             n = int(lengths[row]) + t
             np.testing.assert_allclose(got[row, :, :n], want[0, :, :n], atol=1e-6)
+
+
+@pytest.mark.parametrize("decoding", ["sequential", "jacobi"])
+def test_the_compiled_loop_never_copies_a_whole_layer_of_the_cache(decoding, monkeypatch):
+    """XLA updates the KV cache in place: the optimised loop holds no copy of a [rows, K, S, H]
+    layer array (a copy there costs the whole cache on every step)."""
+    import re
+
+    from chameleon_jax.generation import decode
+
+    calls = []
+    original = decode._decode_loop
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "_decode_loop", record)
+    model = tiny_model()
+    out = generate_tokens(model, VOCAB, PROMPTS[:2], modality="image", max_new_tokens=K + 2, text=GREEDY,
+                          image=HOT, codes_per_image=K, guidance=Guidance("two", scale=2.0),
+                          image_decoding=decoding, jacobi_window=4)
+    assert calls and all(len(images_of(t)) == 1 for t in out.tokens)
+    args, kwargs = calls[0]
+    hlo = original.lower(*args, **kwargs).compile().as_text()
+    cfg = model.cfg
+    layer = rf"\w+\[{2 * 2},{cfg.num_kv_heads},{out.cache_len},{cfg.head_dim}\]"  # 2 prompts x 2 streams
+    assert re.search(layer, hlo), "the cache's shape is not where the test looks for it"
+    copies = re.findall(layer + r"\{[0-9,]*\} copy\(", hlo)
+    assert not copies, f"{len(copies)} copies of a whole cache layer in the {decoding} loop"

@@ -80,7 +80,7 @@ class DecodeResult:
     tokens: list[list[int]]
     steps: int  # loop iterations run, the prefill's token included
     prompt_len: int  # padded prompt length P the loop ran with
-    cache_len: int  # S = P + limit
+    cache_len: int  # S = P + limit, plus the W slots a last Jacobi window may write past the limit
     logits: np.ndarray | None = None  # float32 [B, limit, V]: the logits each token was chosen from, pre-mask
 
 
@@ -238,7 +238,7 @@ def _decode_loop(graphdef, model_state, tables, tokens_rp, mask_rp, params, key,
     streams = guidance_lib.FORMS.index(spec.form) + 1
     batch = rows // streams
     limit = spec.limit
-    cache_len = padded + limit + jacobi.staging_slots(spec)
+    cache_len = padded + limit + jacobi.overhang_slots(spec)
     slots_s = jnp.arange(cache_len, dtype=jnp.int32)
 
     base_mask_rs = jnp.pad(mask_rp, ((0, 0), (0, cache_len - padded)))
@@ -396,6 +396,6 @@ def generate_tokens(
     out_bn, length_b = np.asarray(out_bn), np.asarray(length_b)
     return DecodeResult(
         tokens=[out_bn[b, : length_b[b]].tolist() for b in range(len(out_bn))],
-        steps=int(steps), prompt_len=padded, cache_len=padded + limit + jacobi.staging_slots(spec),
+        steps=int(steps), prompt_len=padded, cache_len=padded + limit + jacobi.overhang_slots(spec),
         logits=np.asarray(logits_bnv) if return_logits else None,
     )

@@ -49,7 +49,7 @@ def window_size(jacobi_window: int, codes_per_image: int) -> int:
     return max(0, min(int(jacobi_window), int(codes_per_image)))
 
 
-def staging_slots(spec) -> int:
+def overhang_slots(spec) -> int:
     """Cache slots the loop needs past P + limit, where a last window may write: the window and
     the token before it (0 when sequential)."""
     return spec.jacobi_window + 1 if spec.jacobi_window > 0 else 0

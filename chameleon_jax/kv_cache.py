@@ -85,20 +85,15 @@ def write_layer(k: jax.Array, v: jax.Array, write_index, k_btkh: jax.Array, v_bt
     """
     write_index = jnp.asarray(write_index, jnp.int32)
     zero = jnp.zeros((), jnp.int32)
+    lead = () if layer is None else (jnp.asarray(layer, jnp.int32),)
     k_bkth = k_btkh.astype(k.dtype).transpose(0, 2, 1, 3)
     v_bkth = v_btkh.astype(v.dtype).transpose(0, 2, 1, 3)
-    if write_index.ndim == 1:  # each row at its own slot: the batch axis is -4 of the cache
-        def put(cache, new_bkth):
-            put_row = lambda row_kth, new_kth, at: jax.lax.dynamic_update_slice_in_dim(row_kth, new_kth, at, axis=1)
-            if layer is None:
-                return jax.vmap(put_row)(cache, new_bkth, write_index)
-            rows = jax.lax.dynamic_index_in_dim(cache, layer, axis=0, keepdims=False)
-            rows = jax.vmap(put_row)(rows, new_bkth, write_index)
-            return jax.lax.dynamic_update_index_in_dim(cache, rows, layer, axis=0)
-
-        return put(k, k_bkth), put(v, v_bkth)
-    start = (zero, zero, write_index, zero)
     if layer is not None:
-        start = (jnp.asarray(layer, jnp.int32), *start)
-        k_bkth, v_bkth = k_bkth[None], v_bkth[None]
-    return jax.lax.dynamic_update_slice(k, k_bkth, start), jax.lax.dynamic_update_slice(v, v_bkth, start)
+        k_bkth, v_bkth = k_bkth[:, None], v_bkth[:, None]  # [B, 1, K, T, H]: one layer's entries
+    if write_index.ndim == 0:
+        put = lambda a, new: jax.lax.dynamic_update_slice(a, jnp.moveaxis(new, 0, len(lead)),
+                                                          (*lead, zero, zero, write_index, zero))
+    else:  # each row at its own slot: a per-row update along the cache's batch axis
+        put_row = lambda row, new, at: jax.lax.dynamic_update_slice(row, new, (*lead, zero, at, zero))
+        put = lambda a, new: jax.vmap(put_row, in_axes=(len(lead), 0, 0), out_axes=len(lead))(a, new, write_index)
+    return put(k, k_bkth), put(v, v_bkth)

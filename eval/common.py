@@ -159,8 +159,7 @@ def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, *, t
         out = pipe.generate_ids(ids, seed=cfg.seed + i, stream_ids=mine, **_with_default_budget(pipe, kwargs))
         tokens = gather_token_lists(out.tokens)
         if timings is not None:
-            shape = (len(ids), getattr(out, "prompt_len", None))
-            timings.append((len(chunk), out.steps, time.perf_counter() - start, shape))
+            timings.append((len(chunk), out.steps, time.perf_counter() - start, (len(ids), out.prompt_len)))
         results.extend(pipe.segments_of_rows(tokens))
         bar.update(len(chunk))
     bar.close()

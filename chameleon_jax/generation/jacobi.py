@@ -166,7 +166,7 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
     window = spec.jacobi_window
     width = window + 1
     rows = batch * streams
-    slots_s = jnp.arange(padded + limit + width, dtype=jnp.int32)
+    slots_s = jnp.arange(base_mask_rs.shape[1], dtype=jnp.int32)
     is_guide_r = guidance_lib.guidance_row_mask(rows, streams)
     vocab = logits_bv.shape[-1]
     choose_key, jacobi_key = jax.random.split(key)

@@ -66,3 +66,22 @@ def test_generate_cli_reports_config_errors_clearly(model_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         configlib.main_guard(lambda: main([f"path={model_dir}", "prompt=two <image> <image>", "image=x.png"]))
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_the_jacobi_bench_times_both_decodings_and_checks_greedy_jacobi_draws_the_sequential_pictures(
+        model_dir, tmp_path):
+    import json
+
+    from eval.bench import jacobi as bench_jacobi
+
+    rows = bench_jacobi.main([f"model_dir={model_dir}", "prompts=a red circle,two blue squares", "windows=4,16",
+                              "inits=uniform", "cfg_scales=1.0,2.0", "rounds=2", f"out={tmp_path / 'j.json'}"])
+    assert [(r["cfg_scale"], r["decoding"], r["window"]) for r in rows] == [
+        (s, d, w) for s in (1.0, 2.0) for d, w in (("sequential", 0), ("jacobi", 4), ("jacobi", 16))]
+    for r in rows:
+        assert r["same_tokens"], r
+        assert r["passes"] <= 16 + 2 and r["ms_per_pass"] > 0 and r["speed"] > 0
+        sequential = next(s for s in rows if s["cfg_scale"] == r["cfg_scale"] and s["decoding"] == "sequential")
+        assert r["break_even_passes"] == pytest.approx(sequential["passes"] / r["pass_cost"])
+    assert [r for r in rows if r["decoding"] == "sequential"][0]["passes"] == 16 + 2  # prefill, 16 codes, <eoi>
+    assert json.loads((tmp_path / "j.json").read_text())["rows"] == json.loads(json.dumps(rows))

@@ -92,7 +92,14 @@ def image_distributions(logits_bwv: jax.Array, tables: modes.TokenTables, params
     return filtered_nv.reshape(b, w, v), p_nv.reshape(b, w, v)
 
 
-def refill_drafts(drafts_bl, q_blv, carried_b, last_b, u_bl, tables: modes.TokenTables, init: str):
+def image_ids_first(tables: modes.TokenTables) -> jax.Array:
+    """int32 [V]: the image-code ids in increasing order, then the other ids; entry k < number of
+    codes is the k-th image code. Computed once per loop, so a uniform draft is one gather."""
+    return jnp.argsort(~tables.image_v, stable=True).astype(jnp.int32)
+
+
+def refill_drafts(drafts_bl, q_blv, carried_b, last_b, u_bl, tables: modes.TokenTables, init: str,
+                  ids_v: jax.Array):
     """Drafts int32 [B, L] and the distributions they come from float32 [B, L, V], with the
     positions from carried_b on drawn afresh.
 
@@ -100,15 +107,15 @@ def refill_drafts(drafts_bl, q_blv, carried_b, last_b, u_bl, tables: modes.Token
     draft is the code to its left (the last carried draft, else the row's last
     token), so q is one-hot; the first code of an image has none and is uniform.
     u_bl: float32 [B, L] uniform on [0, 1), the randomness of the uniform drafts.
+    ids_v: `image_ids_first(tables)`.
     """
     b, l = drafts_bl.shape
     v = q_blv.shape[-1]
     image_v = tables.image_v
     num_codes = jnp.sum(image_v.astype(jnp.int32))
     uniform_v = image_v.astype(jnp.float32) / num_codes
-    # The k-th image id, for k uniform: where the running count of image ids first reaches k + 1.
     k_bl = jnp.minimum((u_bl * num_codes).astype(jnp.int32), num_codes - 1)
-    uniform_bl = jnp.searchsorted(jnp.cumsum(image_v.astype(jnp.int32)), k_bl + 1).astype(jnp.int32)
+    uniform_bl = ids_v[k_bl]
     fresh_bl = jnp.arange(l)[None] >= carried_b[:, None]
     if init == "uniform":
         new_bl, new_q_blv = uniform_bl, jnp.broadcast_to(uniform_v, (b, l, v))
@@ -174,6 +181,7 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
     row_ids_b = jnp.arange(batch, dtype=jnp.int32) if params.row_ids_b is None else params.row_ids_b
     advance_kw = dict(limit=limit, codes_per_image=codes, modality=spec.modality)
     j_w = jnp.arange(width)
+    ids_v = image_ids_first(tables)
 
     def choose_rows(state, n_b, logits_rv):
         """Each row's one token as the sequential loop picks it (own step and stream id): int32 [B], logits [B, V]."""
@@ -235,12 +243,21 @@ def decode_loop(run_model: Callable, choose: Callable, cache, token_b, row_state
         state = c.row_state
         # All of the step's randomness in two draws (each random op is costly to compile), from
         # each row's own key (its stream id), so a row's draws do not depend on the other rows.
-        keys_b = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(jacobi_key, c.it), row_ids_b)
-        k_gumbel_b, k_uniform_b = jax.vmap(jax.random.split, out_axes=1)(keys_b)
-        gumbel_bwv = jax.vmap(lambda k: jax.random.gumbel(k, (width + 1, vocab)))(k_gumbel_b)  # samples, residual
-        u_bl, u_fill_bl = jnp.split(jax.vmap(lambda k: jax.random.uniform(k, (2 * window,)))(k_uniform_b), 2, axis=1)
+        if spec.use_sampling:
+            keys_b = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.fold_in(jacobi_key, c.it), row_ids_b)
+            k_gumbel_b, k_uniform_b = jax.vmap(jax.random.split, out_axes=1)(keys_b)
+            gumbel_bwv = jax.vmap(lambda k: jax.random.gumbel(k, (width + 1, vocab)))(k_gumbel_b)  # samples, residual
+            u_2bl = jax.vmap(lambda k: jax.random.uniform(k, (2 * window,)))(k_uniform_b)
+            u_bl, u_fill_bl = jnp.split(u_2bl, 2, axis=1)
+        else:  # greedy: p is one-hot, so a draft is kept iff it is the argmax whatever u is, and nothing
+            # is sampled. The random draws (a third of a small model's step on a CPU) are skipped; fresh
+            # drafts only need to be spread over the codes, which a multiplicative hash of (row, step,
+            # position) does.
+            gumbel_bwv, u_bl = jnp.zeros((batch, width + 1, vocab)), jnp.zeros((batch, window))
+            n_bl = (c.it * window + jnp.arange(window))[None] + 7919 * row_ids_b[:, None]
+            u_fill_bl = ((n_bl.astype(jnp.uint32) * jnp.uint32(2654435761)) >> 8).astype(jnp.float32) * 2.0 ** -24
         drafts_bl, q_blv = refill_drafts(c.drafts_bl, c.q_blv, c.carried_b, c.token_b, u_fill_bl, tables,
-                                         spec.jacobi_init)
+                                         spec.jacobi_init, ids_v)
         drawing_b = drawing(state)
         fed_bw = jnp.concatenate([c.token_b[:, None], jnp.where(drawing_b[:, None], drafts_bl, tables.pad_id)], 1)
         index_rw = None

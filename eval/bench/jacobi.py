@@ -12,7 +12,8 @@ pass costs in sequential passes (`pass_cost`), and the passes at which Jacobi wo
 even (`break_even_passes` = sequential passes / pass_cost). Jacobi is faster exactly where
 it needs fewer passes than that: on a CPU a pass of W + 1 positions costs several
 single-token passes of a small model, while on an accelerator it costs about one.
-`same_tokens` says whether a setting drew the sequential pictures, as greedy Jacobi must.
+`same_tokens` says whether a setting drew the sequential pictures, as greedy Jacobi must (None when
+sampled: the two decodings draw from one law, not the same samples).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def main(argv: list[str]) -> list[dict]:
             rows.append(dict(
                 cfg_scale=scale, decoding=setting["image_decoding"], window=setting.get("jacobi_window", 0),
                 init=setting.get("jacobi_init", ""), passes=passes[i], ms_per_pass=1e3 * per_pass, pass_cost=cost,
-                break_even_passes=passes[0] / cost, same_tokens=tokens[i] == tokens[0],
+                break_even_passes=passes[0] / cost,
+                same_tokens=tokens[i] == tokens[0] if cfg.image_temperature == 0 else None,  # sampled: other draws
                 seconds_per_picture=float(np.median(seconds[:, i])) / len(prompts),
                 speed=float(np.median(seconds[:, 0] / seconds[:, i])),
             ))

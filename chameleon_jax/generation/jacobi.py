@@ -15,7 +15,9 @@ positions after them become the next step's drafts (their q is the p they were
 drawn from), and the rest of the window is refilled with new drafts: uniform
 over the image codes, or the code to their left (`INITS`). With temperature 0,
 p is one-hot and this is plain Jacobi iteration: the output is sequential
-greedy decoding's, token for token.
+greedy decoding's, token for token; such a step draws no random numbers (fresh
+drafts are spread over the codes by a hash). Samples are drawn by the inverse CDF
+(`sample`), one uniform a draw.
 
 Rows not drawing (text, a forced `<eoi>`, finished) take one token per step
 through the sequential loop's own choice (`decode._choose`, run per row), so

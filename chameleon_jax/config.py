@@ -57,6 +57,14 @@ class ModelConfig:
         "rows of a learned embedding added to each image code by its index in the image (see "
         "chameleon_jax.image_positions); 0 = off, as in Chameleon; train.lm reads -1 as the tokenizer's codes per image",
     )
+    image_code_digits: tuple[int, ...] = param(
+        (),
+        "digit sizes of the image codes (an FSQ tokenizer's levels, least significant first): each image code also "
+        "gets one learned row per digit added to its embedding and output weights, so codes sharing a digit share "
+        "parameters (see chameleon_jax.code_digits); () = off, as in Chameleon; train.lm reads (-1,) as the "
+        "image tokenizer's FSQ levels",
+    )
+    image_code_offset: int = param(-1, "id of image code 0, read by image_code_digits (train.lm sets it from the vocabulary)")
     boi_id: int = param(-1, "<boi> token id, read by image_positions (train.lm sets it from the vocabulary)")
     eoi_id: int = param(-1, "<eoi> token id, read by image_positions (train.lm sets it from the vocabulary)")
 
@@ -124,6 +132,7 @@ class MeshConfig:
             ("head_dim", ""),
             ("vocab", "tensor"),
             ("image_positions", ""),
+            ("code_digits", ""),
             ("layers", ""),
             ("norm", ""),
             ("cache_batch", "data+fsdp"),

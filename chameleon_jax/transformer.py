@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from chameleon_jax.attention import Attention, decode_mask, segment_mask
 from chameleon_jax.config import ModelConfig
+from chameleon_jax.code_digits import CodeDigitEmbed
 from chameleon_jax.image_positions import ImagePositionEmbed, image_index
 from chameleon_jax.kv_cache import CACHE_AXES, STACKED_CACHE_AXES, KVCache
 from chameleon_jax.layers import DENSE_NAME, Embed, RMSNorm, SwiGLU, Unembed, dtype_of
@@ -129,6 +130,18 @@ def _image_position_embed(cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) 
                               param_dtype=param_dtype, rngs=rngs)
 
 
+def _code_digit_embed(cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> CodeDigitEmbed | None:
+    """The image codes' per-digit rows of `cfg.image_code_digits`, or None when it is empty."""
+    if not cfg.image_code_digits:
+        return None
+    if any(n < 2 for n in cfg.image_code_digits) or cfg.image_code_offset < 0:
+        raise ValueError(f"model.image_code_digits={cfg.image_code_digits} needs digit sizes of at least 2 and "
+                         f"model.image_code_offset (got {cfg.image_code_offset}); train.lm resolves (-1,) from the "
+                         "image tokenizer and the vocabulary")
+    return CodeDigitEmbed(cfg.image_code_digits, cfg.image_code_offset, cfg.vocab_size, cfg.hidden_dim,
+                          init_std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
 class Transformer(nnx.Module):
     """Embedding, `num_layers` blocks, final RMSNorm, untied output projection; float32 logits."""
 
@@ -138,6 +151,7 @@ class Transformer(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.hidden_dim, init_std=cfg.initializer_range, dtype=dtype,
                            param_dtype=pdtype, rngs=rngs)
         self.image_pos = _image_position_embed(cfg, dtype, pdtype, rngs)
+        self.code_digits = _code_digit_embed(cfg, dtype, pdtype, rngs)
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
@@ -175,7 +189,7 @@ class Transformer(nnx.Module):
         x_btd = self._embed(tokens_bt, segment_ids_bt=segment_ids_bt)
         x_btd, _ = self._blocks(x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=True, deterministic=deterministic,
                                 segment_ids_bt=segment_ids_bt)
-        return self.lm_head(self.final_norm(x_btd))
+        return self._logits(x_btd)
 
     def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An all-zero cache in cfg.dtype: per layer, k and v of shape [batch, kv_heads, max_len, head_dim]
@@ -213,18 +227,28 @@ class Transformer(nnx.Module):
             x_btd, positions_bt, mask_b1ts=mask_b1ts, is_causal=False, deterministic=True,
             cache=cache, write_index=jnp.asarray(write_index, jnp.int32),
         )
-        return self.lm_head(self.final_norm(x_btd)), cache
+        return self._logits(x_btd), cache
 
     # ------------------------------------------------------------------ layers
 
     def _embed(self, tokens_bt, *, segment_ids_bt=None, image_index_bt=None):
         x_btd = self.embed(tokens_bt)
+        if self.code_digits is not None:
+            x_btd = x_btd + self.code_digits.embed(tokens_bt)
         if self.image_pos is not None:
             if image_index_bt is None:
                 image_index_bt = image_index(tokens_bt, boi_id=self.cfg.boi_id, eoi_id=self.cfg.eoi_id,
                                              segment_ids_bt=segment_ids_bt)
             x_btd = x_btd + self.image_pos(image_index_bt)
         return constrain(x_btd, ACTIVATION_AXES)
+
+    def _logits(self, x_btd):
+        h_btd = self.final_norm(x_btd)
+        logits_btv = self.lm_head(h_btd)
+        if self.code_digits is not None:
+            logits_btv = constrain(logits_btv + self.code_digits.logits(h_btd),
+                                   ("activation_batch", "activation_length", "activation_vocab"))
+        return logits_btv
 
     def _blocks(self, x_btd, positions_bt, *, mask_b1ts, is_causal, deterministic, cache=None, write_index=None,
                 segment_ids_bt=None):
@@ -307,6 +331,8 @@ def count_params(cfg: ModelConfig, *, include_embedding: bool = True) -> int:
     total = cfg.num_layers * block + d + d * v  # blocks, final norm, output projection
     if include_embedding:
         total += (v + cfg.image_positions) * d  # token and image-position lookup tables
+    if cfg.image_code_digits:
+        total += sum(cfg.image_code_digits) * d * (2 if include_embedding else 1)  # digit rows in, digit columns out
     return total
 
 

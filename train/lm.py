@@ -54,10 +54,36 @@ def maybe_initialize_distributed(cfg: LMTrainConfig) -> None:
     maybe_initialize(cfg)
 
 
-def resolve_config(cfg: LMTrainConfig, vocab, codes_per_image: int = 0) -> LMTrainConfig:
-    """Fills model.vocab_size (and the image-position fields) from the vocabulary and tokenizer;
-    checks the row length."""
+def code_levels(image_tokenizer) -> tuple[int, ...]:
+    """The digit sizes of an image tokenizer's codes: its FSQ levels, or () when its codes have none."""
+    config = getattr(image_tokenizer, "config", None)
+    return tuple(config.fsq_levels) if config is not None and config.quantizer == "fsq" else ()
+
+
+def resolve_config(cfg: LMTrainConfig, vocab, codes_per_image: int = 0,
+                   image_code_levels: tuple[int, ...] = ()) -> LMTrainConfig:
+    """Fills model.vocab_size (and the image-position and code-digit fields) from the vocabulary
+    and tokenizer; checks the row length."""
     model = cfg.model
+    if model.image_code_digits:
+        digits = tuple(image_code_levels) if tuple(model.image_code_digits) == (-1,) else tuple(model.image_code_digits)
+        if not digits:
+            raise configlib.ConfigError(
+                "model.image_code_digits=(-1,) takes the image tokenizer's FSQ levels, and this tokenizer has none; "
+                "give the digit sizes or use ()"
+            )
+        if math.prod(digits) != vocab.codebook_size:
+            raise configlib.ConfigError(
+                f"model.image_code_digits={digits} make {math.prod(digits)} codes, the vocabulary has "
+                f"{vocab.codebook_size}"
+            )
+        offset = int(vocab.code_to_id[0])
+        if not np.array_equal(vocab.code_to_id, np.arange(offset, offset + vocab.codebook_size)):
+            raise configlib.ConfigError(
+                "model.image_code_digits needs the image codes as one block of ids in code order; this "
+                "vocabulary maps them elsewhere (an imported Chameleon vocabulary)"
+            )
+        model = dataclasses.replace(model, image_code_digits=digits, image_code_offset=offset)
     if model.image_positions:
         rows = codes_per_image if model.image_positions == -1 else model.image_positions
         if rows < max(codes_per_image, 1):
@@ -248,7 +274,7 @@ def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path
     from train.lm_inputs import prepare
 
     data = ShardData.build(prepare(cfg, run_dir), run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
-    cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image)
+    cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image, code_levels(data.image_tokenizer))
     if primary:
         configlib.save(cfg, run_dir / "config.json")
     seq_len = data.seq_len

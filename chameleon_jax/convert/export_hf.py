@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chameleon_jax import code_digits
 from chameleon_jax.config import ModelConfig
 from chameleon_jax.convert import ConversionError, TOKENIZER_FILE
 from chameleon_jax.convert.hf import layer_table, ours_to_hf, top_table
@@ -60,7 +61,10 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 
 def transformer_tensors(cfg: ModelConfig, params: dict, dtype: np.dtype) -> dict[str, np.ndarray]:
-    """HF name -> tensor for every transformer parameter (a pure-dict tree as `load_model` holds it)."""
+    """HF name -> tensor for every transformer parameter (a pure-dict tree as `load_model` holds it).
+    Per-digit image-code rows (`image_code_digits`) are folded into the embedding and output tables."""
+    if cfg.image_code_digits:
+        params = code_digits.fold(cfg.image_code_digits, cfg.image_code_offset, params)
     out = {}
     for name, hf_shape, key, _, transposed in top_table(cfg):
         out[name] = ours_to_hf(_get(params, key), transposed, hf_shape)

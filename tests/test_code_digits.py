@@ -121,7 +121,7 @@ def test_train_config_takes_the_digits_from_the_tokenizer_and_the_offset_from_th
     auto = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_code_digits=(-1,)))
     model = train_lm.resolve_config(auto, _ordered_vocab(), 9, image_code_levels=LEVELS).model
     assert (model.image_code_digits, model.image_code_offset) == (LEVELS, TEXT_END)
-    with pytest.raises(ConfigError, match="has none"):
+    with pytest.raises(ConfigError, match="tokenizer has none"):
         train_lm.resolve_config(auto, _ordered_vocab(), 9, image_code_levels=())
     wrong = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_code_digits=(4, 4)))
     with pytest.raises(ConfigError, match="make 16 codes, the vocabulary has 27"):

@@ -54,12 +54,6 @@ def maybe_initialize_distributed(cfg: LMTrainConfig) -> None:
     maybe_initialize(cfg)
 
 
-def code_levels(image_tokenizer) -> tuple[int, ...]:
-    """The digit sizes of an image tokenizer's codes: its FSQ levels, or () when its codes have none."""
-    config = getattr(image_tokenizer, "config", None)
-    return tuple(config.fsq_levels) if config is not None and config.quantizer == "fsq" else ()
-
-
 def resolve_config(cfg: LMTrainConfig, vocab, codes_per_image: int = 0,
                    image_code_levels: tuple[int, ...] = ()) -> LMTrainConfig:
     """Fills model.vocab_size (and the image-position and code-digit fields) from the vocabulary
@@ -69,8 +63,8 @@ def resolve_config(cfg: LMTrainConfig, vocab, codes_per_image: int = 0,
         digits = tuple(image_code_levels) if tuple(model.image_code_digits) == (-1,) else tuple(model.image_code_digits)
         if not digits:
             raise configlib.ConfigError(
-                "model.image_code_digits=(-1,) takes the image tokenizer's FSQ levels, and this tokenizer has none; "
-                "give the digit sizes or use ()"
+                "model.image_code_digits=(-1,) takes the image tokenizer's FSQ levels, and the shards' tokenizer has "
+                "none (a codebook quantizer, or its folder is gone); give the digit sizes or use ()"
             )
         if math.prod(digits) != vocab.codebook_size:
             raise configlib.ConfigError(
@@ -274,7 +268,7 @@ def _train(cfg: LMTrainConfig, run_dir: Path, mesh, session: RunSession) -> Path
     from train.lm_inputs import prepare
 
     data = ShardData.build(prepare(cfg, run_dir), run_dir=run_dir, vq_dir=cfg.vq_dir, is_primary=primary)
-    cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image, code_levels(data.image_tokenizer))
+    cfg = resolve_config(cfg, data.vocab, data.image_tokenizer.codes_per_image, data.image_tokenizer.code_levels)
     if primary:
         configlib.save(cfg, run_dir / "config.json")
     seq_len = data.seq_len

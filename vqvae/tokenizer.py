@@ -187,6 +187,13 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / "tokenizer.json").read_text())
 
 
+def code_levels(path: str | os.PathLike) -> tuple[int, ...]:
+    """The digit sizes of a tokenizer directory's codes: its FSQ levels (least significant
+    first), or () when its quantizer is a codebook, whose codes have no digits."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return tuple(int(n) for n in config["fsq_levels"]) if config.get("quantizer") == "fsq" else ()
+
+
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a tokenizer directory (or a run directory holding `tokenizer/`)."""
     import orbax.checkpoint as ocp

@@ -211,9 +211,14 @@ class ShardData:
         self.train_sets, self.weights, self.eval_sets = train_sets, weights, eval_sets
         tok = train_sets[0].tokenizer
         self.tokenizer_info = tok
-        self.image_tokenizer = SimpleNamespace(codes_per_image=int(tok["codes_per_image"]),
-                                               codebook_size=int(tok["codebook_size"]))
         self.tokenizer_dir = Path(tok["dir"]) if tok.get("dir") else None
+        levels = ()  # the FSQ digit sizes of the codes, for model.image_code_digits=(-1,)
+        if self.tokenizer_dir is not None and (self.tokenizer_dir / "config.json").is_file():
+            from vqvae.tokenizer import code_levels
+
+            levels = code_levels(self.tokenizer_dir)
+        self.image_tokenizer = SimpleNamespace(codes_per_image=int(tok["codes_per_image"]),
+                                               codebook_size=int(tok["codebook_size"]), code_levels=levels)
         if self.tokenizer_dir is None:  # the stand-in: the exported model's README names its settings
             self.cfg = dataclasses.replace(cfg, grid_cells=int(tok["grid_cells"]), grid_levels=int(tok["grid_levels"]))
         self._eval_cache: dict[tuple, list] = {}

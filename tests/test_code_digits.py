@@ -135,3 +135,16 @@ def test_train_config_takes_the_digits_from_the_tokenizer_and_the_offset_from_th
 def test_model_refuses_an_unresolved_offset():
     with pytest.raises(ValueError, match="image_code_offset"):
         tiny_model(image_code_digits=LEVELS)
+
+
+def test_a_tokenizer_folder_gives_its_fsq_levels_and_a_codebook_none(tmp_path):
+    import json
+
+    from vqvae.tokenizer import code_levels
+
+    (tmp_path / "fsq").mkdir()
+    (tmp_path / "fsq" / "config.json").write_text(json.dumps({"quantizer": "fsq", "fsq_levels": [8, 5, 5]}))
+    (tmp_path / "vq").mkdir()
+    (tmp_path / "vq" / "config.json").write_text(json.dumps({"quantizer": "vq", "fsq_levels": [8, 5, 5]}))
+    assert code_levels(tmp_path / "fsq") == (8, 5, 5)
+    assert code_levels(tmp_path / "vq") == ()

@@ -48,6 +48,14 @@ def test_the_schedule_is_long_on_an_accelerator_and_as_given_on_a_cpu():
         demo.with_schedule(configlib.apply_overrides(cfg, ["long_steps_factor=0"]), "gpu")
 
 
+def test_the_demos_transformer_shares_rows_through_the_digits_of_its_tokenizers_codes():
+    from eval import demo
+
+    cfg = demo.PRESETS["demo"]()
+    assert cfg.lm.model.image_code_digits == (-1,)  # train.lm reads the tokenizer's FSQ levels
+    assert cfg.vq.model.quantizer == "fsq" and len(cfg.vq.model.fsq_levels) > 1
+
+
 @pytest.mark.parametrize("preset", ["demo", "tiny"])
 def test_the_demo_codes_straddle_the_layout_cells(preset):
     """No code is a whole cell: the code grid is finer than the 3x3 layout and its lines do not

@@ -64,7 +64,7 @@ def resolve_config(cfg: LMTrainConfig, vocab, codes_per_image: int = 0,
         if not digits:
             raise configlib.ConfigError(
                 "model.image_code_digits=(-1,) takes the image tokenizer's FSQ levels, and the shards' tokenizer has "
-                "none (a codebook quantizer, or its folder is gone); give the digit sizes or use ()"
+                "none (a codebook quantizer, or its folder is gone); give the digit sizes, or [] to turn the option off"
             )
         if math.prod(digits) != vocab.codebook_size:
             raise configlib.ConfigError(

@@ -24,8 +24,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from chameleon_jax.attention import Attention, decode_mask, segment_mask
-from chameleon_jax.config import ModelConfig
 from chameleon_jax.code_digits import CodeDigitEmbed
+from chameleon_jax.config import ModelConfig
 from chameleon_jax.image_positions import ImagePositionEmbed, image_index
 from chameleon_jax.kv_cache import CACHE_AXES, STACKED_CACHE_AXES, KVCache
 from chameleon_jax.layers import DENSE_NAME, Embed, RMSNorm, SwiGLU, Unembed, dtype_of

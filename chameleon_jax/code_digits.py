@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from chameleon_jax.layers import dense, make_param, normal
+from vqvae.quantizers import fsq_digits
 
 
 def digit_matrix(levels: Sequence[int], offset: int, vocab_size: int) -> np.ndarray:
@@ -40,12 +41,8 @@ def digit_matrix(levels: Sequence[int], offset: int, vocab_size: int) -> np.ndar
         raise ValueError(f"image codes [{offset}, {offset + codes}) of levels {levels} do not fit a vocabulary of "
                          f"{vocab_size} ids")
     out = np.zeros((vocab_size, sum(levels)), np.float32)
-    c = np.arange(codes)
-    base, start = 1, 0
-    for n in levels:
-        out[offset + c, start + (c // base) % n] = 1.0
-        base *= n
-        start += n
+    column_bd = fsq_digits(np.arange(codes), levels) + np.cumsum((0,) + levels[:-1])  # digit j's value -> column
+    np.put_along_axis(out[offset:offset + codes], column_bd, 1.0, axis=1)
     return out
 
 
@@ -90,8 +87,8 @@ def fold(levels: Sequence[int], offset: int, params: dict) -> dict:
     embed, head = dict(params["embed"]), dict(params["lm_head"])
     m_vl = digit_matrix(levels, offset, np.shape(embed["embedding_vd"])[0])
     input_ld, output_dl = np.asarray(digits["input_ld"], np.float32), np.asarray(digits["output_dl"], np.float32)
-    embed["embedding_vd"] = (np.asarray(embed["embedding_vd"], np.float32) + m_vl @ input_ld).astype(
-        np.asarray(embed["embedding_vd"]).dtype)
-    head["w_dv"] = (np.asarray(head["w_dv"], np.float32) + output_dl @ m_vl.T).astype(np.asarray(head["w_dv"]).dtype)
+    table, w = np.asarray(embed["embedding_vd"]), np.asarray(head["w_dv"])
+    embed["embedding_vd"] = (table.astype(np.float32) + m_vl @ input_ld).astype(table.dtype)
+    head["w_dv"] = (w.astype(np.float32) + output_dl @ m_vl.T).astype(w.dtype)
     params["embed"], params["lm_head"] = embed, head
     return params

@@ -145,6 +145,13 @@ class L2EMAQuantizer(nnx.Module):
         self.ema_count[...] = jnp.where(dead_k, 2 * self.threshold, ema_count)
 
 
+def fsq_digits(codes, levels: tuple[int, ...]):
+    """[..., len(levels)]: each FSQ code's digits, least significant first (code = d0 + L0 d1 + L0 L1 d2 ...);
+    numpy or jax arrays."""
+    basis = np.cumprod((1,) + tuple(levels)[:-1]).astype(np.int32)
+    return (codes[..., None] // basis) % np.asarray(levels, np.int32)
+
+
 class FSQ(nnx.Module):
     """Finite scalar quantization (levels e.g. (8, 5, 5, 5) = 1000 codes); no parameters, no codebook loss."""
 
@@ -175,7 +182,7 @@ class FSQ(nnx.Module):
         return jnp.tanh(z + shift) * half - offset
 
     def lookup(self, codes):
-        digits = (codes[..., None] // self._basis) % self._levels
+        digits = fsq_digits(codes, self.levels)
         return (digits - self._half_width).astype(jnp.float32) / self._half_width
 
     def __call__(self, z_bhwd, *, train: bool = False, key=None) -> Quantized:

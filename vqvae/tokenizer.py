@@ -190,8 +190,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 def code_levels(path: str | os.PathLike) -> tuple[int, ...]:
     """The digit sizes of a tokenizer directory's codes: its FSQ levels (least significant
     first), or () when its quantizer is a codebook, whose codes have no digits."""
-    config = json.loads((Path(path) / "config.json").read_text())
-    return tuple(int(n) for n in config["fsq_levels"]) if config.get("quantizer") == "fsq" else ()
+    cfg = configlib.load(VQConfig, Path(path) / "config.json")
+    return tuple(cfg.fsq_levels) if cfg.quantizer == "fsq" else ()
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:

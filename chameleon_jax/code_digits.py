@@ -41,7 +41,7 @@ def digit_matrix(levels: Sequence[int], offset: int, vocab_size: int) -> np.ndar
         raise ValueError(f"image codes [{offset}, {offset + codes}) of levels {levels} do not fit a vocabulary of "
                          f"{vocab_size} ids")
     out = np.zeros((vocab_size, sum(levels)), np.float32)
-    column_bd = fsq_digits(np.arange(codes), levels) + np.cumsum((0,) + levels[:-1])  # digit j's value -> column
+    column_bd = fsq_digits(np.arange(codes), levels) + np.cumsum((0,) + tuple(levels)[:-1])  # digit j's value -> column
     np.put_along_axis(out[offset:offset + codes], column_bd, 1.0, axis=1)
     return out
 

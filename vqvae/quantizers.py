@@ -145,11 +145,14 @@ class L2EMAQuantizer(nnx.Module):
         self.ema_count[...] = jnp.where(dead_k, 2 * self.threshold, ema_count)
 
 
-def fsq_digits(codes, levels: tuple[int, ...]):
-    """[..., len(levels)]: each FSQ code's digits, least significant first (code = d0 + L0 d1 + L0 L1 d2 ...);
-    numpy or jax arrays."""
-    basis = np.cumprod((1,) + tuple(levels)[:-1]).astype(np.int32)
-    return (codes[..., None] // basis) % np.asarray(levels, np.int32)
+def fsq_basis(levels) -> np.ndarray:
+    """int32 [len(levels)]: each FSQ digit's place value (code = d0 + L0 d1 + L0 L1 d2 ...)."""
+    return np.cumprod((1,) + tuple(levels)[:-1]).astype(np.int32)
+
+
+def fsq_digits(codes, levels):
+    """[..., len(levels)]: each FSQ code's digits, least significant first; numpy or jax arrays."""
+    return (codes[..., None] // fsq_basis(levels)) % np.asarray(levels, np.int32)
 
 
 class FSQ(nnx.Module):
@@ -158,7 +161,6 @@ class FSQ(nnx.Module):
     def __init__(self, levels: tuple[int, ...]):
         self.levels = tuple(int(l) for l in levels)
         self.codebook_size = math.prod(self.levels)
-        self.basis = tuple(int(b) for b in np.cumprod((1,) + self.levels[:-1]))
 
     @property
     def _levels(self):
@@ -166,7 +168,7 @@ class FSQ(nnx.Module):
 
     @property
     def _basis(self):
-        return np.asarray(self.basis, np.int32)
+        return fsq_basis(self.levels)
 
     @property
     def _half_width(self):

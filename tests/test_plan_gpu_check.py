@@ -56,3 +56,21 @@ def test_smoke_run_prints_one_json_object(tmp_path):
         assert run["tokens_per_s"] > 0 and run["hbm_fraction"] is None
         assert run["tokens_per_s"] == pytest.approx(run["batch"] * 1e3 / run["step_ms"])
         assert run["bytes_per_step"] == run["weight_bytes_per_step"] + run["kv_bytes_per_step"]
+
+    jac = out["jacobi_tiny"]
+    assert (jac["codes"], jac["window"]) == (gpu_check.SMOKE.jacobi_codes, gpu_check.SMOKE.jacobi_window)
+    assert [r["guidance"] for r in jac["runs"]] == ["plain", "guided"]
+    for run in jac["runs"]:
+        # Sequential: the prefill and one pass a code, then <eoi>; Jacobi verifies up to a window a pass.
+        assert run["sequential_passes"] == jac["codes"] + 2
+        assert jac["codes"] / jac["window"] <= run["jacobi_passes"] <= run["sequential_passes"]
+        assert run["speedup"] == pytest.approx(run["sequential_s"] / run["jacobi_s"])
+
+
+def test_bench_vocabulary_keeps_specials_codes_and_text_apart():
+    vocab = gpu_check.bench_vocabulary(512, codebook_size=256)
+    assert vocab.codebook_size == 256 and vocab.image_token_mask.sum() == 256
+    assert not (vocab.image_token_mask & vocab.text_token_mask).any()
+    assert vocab.text_token_mask.sum() == 512 - 6 - 256 + 2  # text pieces, eos and eot
+    with pytest.raises(gpu_check.configlib.ConfigError, match="cannot hold"):
+        gpu_check.bench_vocabulary(300, codebook_size=300)

@@ -20,6 +20,13 @@ Prints one JSON object on stdout (progress goes to stderr):
   attends over the fixed-size cache, masked), so `hbm_fraction` = bytes per step /
   step time / the chip's HBM bandwidth is the fraction of the memory-bound limit reached.
 
+- jacobi: seconds and forward passes per generated picture of `jacobi_codes` codes (1024, a
+  512 px Chameleon picture), batch 1, sampled at temperature 1, without and with two-stream
+  guidance, decoded sequentially and by speculative Jacobi decoding (window `jacobi_window`),
+  on random bf16 models of the `small` preset and of `chameleon-7b`'s shapes, through
+  `generation.generate_tokens` (the loop `Pipeline.generate` runs). Random weights accept few
+  drafts compared with a trained model; the passes column says how many.
+
 Only the model, sharding, train step and optimizer are imported (no data sets, no
 TFDS or grain), so this runs on a machine with nothing but JAX, Flax and Optax.
 """
@@ -223,12 +230,87 @@ def check_decode(cfg: ModelConfig, *, batches: Sequence[int], steps: int, cache_
             "attention": plan.attention_kernel(cfg, jax.default_backend()), "init_s": init_s, "runs": out}
 
 
+# --------------------------------------------------------------------------- Jacobi image decoding
+
+
+def bench_vocabulary(size: int, codebook_size: int):
+    """A vocabulary of `size` ids for random-weight timings: the six specials, then
+    `codebook_size` image codes, then text pieces (no text backend: prompts are ids)."""
+    import numpy as np
+
+    from chameleon_jax.vocab import Vocabulary
+
+    specials = dict(pad=0, bos=1, eos=2, boi=3, eoi=4, eot=5)
+    first_code = len(specials)
+    if first_code + codebook_size >= size:
+        raise configlib.ConfigError(f"a vocabulary of {size} ids cannot hold {codebook_size} image codes and text")
+    pieces = np.zeros([size], bool)
+    pieces[first_code + codebook_size:] = True
+    return Vocabulary(kind="bench", size=size, specials=specials,
+                      code_to_id=np.arange(first_code, first_code + codebook_size, dtype=np.int32),
+                      text_piece_mask=pieces, text_backend=None)
+
+
+def check_jacobi(cfg: ModelConfig, *, codes: int, window: int, cfg_scale: float, prompt_len: int,
+                 repeats: int) -> dict[str, Any]:
+    """Seconds (best of `repeats`, after a compiling call) and forward passes per picture,
+    sequential against Jacobi, plain and guided, one picture at a time."""
+    import jax
+    import numpy as np
+
+    from chameleon_jax.generation import Guidance, SamplingParams, freeze, generate_tokens
+    from chameleon_jax.sharding import build_mesh
+    from chameleon_jax.transformer import count_params, create_sharded_model
+    from eval.bench.decode import best_seconds
+
+    need = prompt_len + codes + 2 + window
+    cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, need))
+    vocab = bench_vocabulary(cfg.vocab_size, codebook_size=min(8192, cfg.vocab_size // 2))
+    mesh_cfg = MeshConfig(data=1, fsdp=1, tensor=1)
+    t0 = time.perf_counter()
+    mesh = build_mesh(mesh_cfg, jax.local_devices()[:1])
+    model = freeze(create_sharded_model(cfg, mesh, mesh_cfg.rules, seed=0))  # unstacked, as generation runs it
+    jax.block_until_ready(model.state)
+    init_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    text_ids = np.flatnonzero(vocab.text_token_mask)
+    prompt = [vocab.bos_id, *rng.choice(text_ids, prompt_len - 1).tolist()]
+    rows = []
+    for name, guidance in (("plain", Guidance()), ("guided", Guidance("two", scale=cfg_scale))):
+        row: dict[str, Any] = {"guidance": name}
+        for decoding in ("sequential", "jacobi"):
+            passes, seeds = [], iter(range(1000))
+
+            def one_picture():
+                out = generate_tokens(model, vocab, [prompt], modality="image", max_new_tokens=codes + 2,
+                                      image=SamplingParams(1.0), guidance=guidance, codes_per_image=codes,
+                                      seed=next(seeds), image_decoding=decoding, jacobi_window=window)
+                jax.block_until_ready(out.tokens)
+                if len(out.tokens[0]) != codes + 2 or out.tokens[0][-1] != vocab.eoi_id:
+                    raise RuntimeError(f"{decoding}: a picture of {len(out.tokens[0]) - 2} codes, not {codes}")
+                passes.append(out.steps)
+
+            t0 = time.perf_counter()
+            row[f"{decoding}_s"] = best_seconds(one_picture, repeats)
+            row[f"{decoding}_total_s"] = time.perf_counter() - t0
+            row[f"{decoding}_passes"] = float(np.mean(passes))
+        row["passes_ratio"] = row["sequential_passes"] / row["jacobi_passes"]
+        row["speedup"] = row["sequential_s"] / row["jacobi_s"]
+        rows.append(row)
+        log(f"jacobi {name}: sequential {row['sequential_s']:.3f} s ({row['sequential_passes']:.0f} passes), "
+            f"jacobi {row['jacobi_s']:.3f} s ({row['jacobi_passes']:.0f} passes): {row['speedup']:.2f}x")
+    return {"params": count_params(cfg), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype, "codes": codes,
+            "window": window, "cfg_scale": cfg_scale, "prompt_len": prompt_len, "temperature": 1.0,
+            "attention": plan.attention_kernel(cfg, jax.default_backend()), "init_s": init_s, "runs": rows}
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """What is run: the training preset and its step, the decoding preset and its loop."""
+    """What is run: the training preset and its step, the decoding preset and its loop, the
+    presets whose pictures are decoded sequentially and by Jacobi decoding."""
 
     train_preset: str
     train_overrides: tuple[str, ...]
@@ -242,12 +324,19 @@ class Shapes:
     decode_steps: int
     cache_len: int
     context: int
+    jacobi_presets: tuple[str, ...]
+    jacobi_overrides: tuple[str, ...]
+    jacobi_codes: int
+    jacobi_window: int
+    jacobi_repeats: int
 
 
 FULL = Shapes("chameleon-1b", ("dtype=bfloat16", "param_dtype=float32", "remat_policy=save_dots"), 8, 2048, 10, 2,
-              "chameleon-7b", ("dtype=bfloat16", "param_dtype=bfloat16", "dropout=0.0"), (1, 16), 128, 1024, 512)
+              "chameleon-7b", ("dtype=bfloat16", "param_dtype=bfloat16", "dropout=0.0"), (1, 16), 128, 1024, 512,
+              ("small", "chameleon-7b"), ("dtype=bfloat16", "param_dtype=bfloat16", "dropout=0.0"), 1024, 16, 2)
 SMOKE = Shapes("tiny", ("dtype=bfloat16", "param_dtype=float32", "remat_policy=save_dots", "scan_layers=true"),
-               2, 64, 2, 1, "tiny", ("dtype=bfloat16", "param_dtype=bfloat16", "scan_layers=true"), (1, 2), 4, 32, 16)
+               2, 64, 2, 1, "tiny", ("dtype=bfloat16", "param_dtype=bfloat16", "scan_layers=true"), (1, 2), 4, 32, 16,
+               ("tiny",), ("dtype=bfloat16", "param_dtype=bfloat16", "scan_layers=true"), 12, 4, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-stacked", action="store_true",
                    help="decode a scan_layers model on its stacked layers (the slow form generation avoids) "
                         "instead of unstacking it first")
-    p.add_argument("--skip", choices=["train", "decode"], action="append", default=[], help="leave a part out")
+    p.add_argument("--jacobi-presets", default=None,
+                   help="comma-separated presets whose pictures are timed, e.g. small,chameleon-7b")
+    p.add_argument("--jacobi-codes", type=int, default=None, help="codes per picture of the Jacobi timings")
+    p.add_argument("--skip", choices=["train", "decode", "jacobi"], action="append", default=[],
+                   help="leave a part out")
     p.add_argument("--out", default="", help="also write the JSON here")
     return p
 
@@ -295,6 +388,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         over["decode_batches"] = tuple(int(b) for b in args.decode_batches.split(","))
     if args.decode_steps:
         over["decode_steps"] = args.decode_steps
+    if args.jacobi_presets:
+        over["jacobi_presets"] = tuple(args.jacobi_presets.split(","))
+    if args.jacobi_codes:
+        over["jacobi_codes"] = args.jacobi_codes
     shapes = dataclasses.replace(shapes, **over)
 
     device = jax.local_devices()[0]
@@ -323,6 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg, batches=shapes.decode_batches, steps=shapes.decode_steps, cache_len=shapes.cache_len,
             context=shapes.context, acc=acc, unstack=not args.decode_stacked)),
     }
+    if "jacobi" not in args.skip:
+        for preset in shapes.jacobi_presets:
+            parts[f"jacobi_{preset}"] = (preset, shapes.jacobi_overrides, lambda cfg: check_jacobi(
+                cfg, codes=shapes.jacobi_codes, window=shapes.jacobi_window, cfg_scale=3.0, prompt_len=16,
+                repeats=shapes.jacobi_repeats))
     for part, (preset, overrides, fn) in parts.items():
         if part in args.skip:
             continue

@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jacobi-presets", default=None,
                    help="comma-separated presets whose pictures are timed, e.g. small,chameleon-7b")
     p.add_argument("--jacobi-codes", type=int, default=None, help="codes per picture of the Jacobi timings")
+    p.add_argument("--jacobi-window", type=int, default=None, help="drafts verified per pass by Jacobi decoding")
     p.add_argument("--skip", choices=["train", "decode", "jacobi"], action="append", default=[],
                    help="leave a part out")
     p.add_argument("--out", default="", help="also write the JSON here")
@@ -392,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         over["jacobi_presets"] = tuple(args.jacobi_presets.split(","))
     if args.jacobi_codes:
         over["jacobi_codes"] = args.jacobi_codes
+    if args.jacobi_window:
+        over["jacobi_window"] = args.jacobi_window
     shapes = dataclasses.replace(shapes, **over)
 
     device = jax.local_devices()[0]

@@ -50,6 +50,10 @@ class DemoConfig:
                 "prints which it chose")
     long_steps_factor: int = param(4, "how many times lm.steps (and its eval and checkpoint intervals) the long schedule runs")
     image_size: int = param(32, "Shapes picture size (24, 32, 64 or 128); the tokenizer, the LM data and the evaluations take it. At 32 the tokenizer's 4x4 codes straddle the 3x3 layout's cells: objects cross code edges and neighbours share codes. image_size=24 vq.steps=6000 is the one-code-per-cell regime (the `shapes24` tokenizer: each code a whole cell)")
+    shapes_backend: Literal["auto", "tfds", "generate"] = param(
+        "auto", "how every stage reads Shapes: tfds builds the splits once as array_record files and reads them, "
+                "generate draws the same examples on access with nothing on disk (no build), auto is tfds when "
+                "tensorflow_datasets imports")
     judge_examples: int = param(1000, "ground-truth pictures per split on which the judge is scored (0 = all)")
     vq_examples: int = param(1000, "test pictures on which the image tokenizer is scored (0 = all)")
     caption_examples: int = param(200, "pictures captioned in the captioning evaluation")
@@ -77,7 +81,9 @@ def _tiny() -> DemoConfig:
     lm = lm_config.PRESETS["tiny"]()
     lm = dataclasses.replace(lm, steps=6, log_interval=2, eval_interval=0, checkpoint_interval=0, progress=False)
     return DemoConfig(
-        run_dir="runs/demo-tiny", image_size=32, judge_examples=20, vq_examples=32, caption_examples=4, vqa_examples=2,
+        # Shapes drawn on access: the stages read a few hundred examples, so nothing is built.
+        run_dir="runs/demo-tiny", image_size=32, shapes_backend="generate", judge_examples=20, vq_examples=32,
+        caption_examples=4, vqa_examples=2,
         t2i_examples=2, interleaved_examples=2, perplexity_examples=2, vq=vq, lm=lm,
         eval=dataclasses.replace(common.EvalConfig(), batch_size=4, max_new_tokens=12),
     )
@@ -157,7 +163,7 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
     data_dir = cfg.eval.data_dir or None
     out, right, total = {}, 0, 0
     for split in shapes.SPLITS:
-        source = shapes.load(split, cfg.image_size, data_dir, shapes_sizes(cfg))
+        source = shapes.load(split, cfg.image_size, data_dir, shapes_sizes(cfg), backend=cfg.shapes_backend)
         n = common.take(len(source), cfg.judge_examples)
         ok = sum(shapes.judge_matches(source[i]["image"], shapes.example_objects(source[i])) for i in range(n))
         out[f"judge_accuracy_ground_truth_{split}"] = ok / n
@@ -173,9 +179,11 @@ def stage_vq_eval(cfg: DemoConfig, vq_dir: Path, run_dir: Path) -> dict[str, Any
     from vqvae.tokenizer import load_tokenizer
 
     tok, data_dir = load_tokenizer(vq_dir), cfg.eval.data_dir or None
-    res = eval_vq.evaluate(tok, split="test", num_examples=cfg.vq_examples, data_dir=data_dir, out_dir=vq_dir)
+    res = eval_vq.evaluate(tok, split="test", num_examples=cfg.vq_examples, data_dir=data_dir, out_dir=vq_dir,
+                           shapes_backend=cfg.shapes_backend)
     # Held-out (colour, shape) pairs: can the tokenizer write objects it never met as such?
-    heldout = eval_vq.evaluate(tok, split="heldout", num_examples=cfg.vq_examples, data_dir=data_dir)
+    heldout = eval_vq.evaluate(tok, split="heldout", num_examples=cfg.vq_examples, data_dir=data_dir,
+                               shapes_backend=cfg.shapes_backend)
     res["judge_accuracy_heldout"] = heldout["judge_accuracy"]
     res["psnr_heldout_db"] = heldout["psnr"]
     grid = vq_dir / "eval_vq.png"
@@ -192,7 +200,8 @@ def stage_vq_eval(cfg: DemoConfig, vq_dir: Path, run_dir: Path) -> dict[str, Any
 
 def stage_eval(name: str, module, pipe_fn, cfg: DemoConfig, n: int) -> Callable[[], dict[str, Any]]:
     def run() -> dict[str, Any]:
-        ecfg = dataclasses.replace(cfg.eval, run_dir=cfg.run_dir, image_size=cfg.image_size, num_examples=n)
+        ecfg = dataclasses.replace(cfg.eval, run_dir=cfg.run_dir, image_size=cfg.image_size, num_examples=n,
+                                   shapes_backend=cfg.shapes_backend)
         res = module.evaluate(pipe_fn(), ecfg)
         common.write_results(cfg.run_dir, name, res)
         return common.headline_figures(name, res)
@@ -218,11 +227,13 @@ def run(cfg: DemoConfig) -> Path:
     stages = Stages(run_dir, cfg.overwrite)
     t0 = time.time()
 
-    stages.run("data", [cfg.image_size, cfg.judge_examples, shapes_sizes(cfg)], lambda: stage_data(cfg))
+    stages.run("data", [cfg.image_size, cfg.judge_examples, shapes_sizes(cfg), cfg.shapes_backend],
+               lambda: stage_data(cfg))
 
     vq_cfg = dataclasses.replace(
         cfg.vq, run_dir=str(run_dir / "vq"), overwrite=cfg.overwrite,
         model=dataclasses.replace(cfg.vq.model, image_size=cfg.image_size),
+        data=dataclasses.replace(cfg.vq.data, shapes_backend=cfg.shapes_backend),
     )
     _banner("vq: image tokenizer training")
     vq_dir = train_vqvae.run(vq_cfg)
@@ -231,7 +242,7 @@ def run(cfg: DemoConfig) -> Path:
 
     lm_cfg = dataclasses.replace(
         cfg.lm, run_dir=str(run_dir / "lm"), vq_dir=str(vq_dir), overwrite=cfg.overwrite,
-        data=dataclasses.replace(cfg.lm.data, image_size=cfg.image_size),
+        data=dataclasses.replace(cfg.lm.data, image_size=cfg.image_size, shapes_backend=cfg.shapes_backend),
     )
     _banner("lm: tokenise the Shapes tasks, train the vocabulary and the transformer")
     lm_dir = train_lm.run(lm_cfg)

@@ -16,7 +16,8 @@ from eval import common
 
 def evaluate(pipe, cfg: common.EvalConfig, num_documents: int = 4) -> dict:
     cfg = common.for_pipeline(cfg, pipe)
-    docs = shapes.interleaved_documents(cfg.split, cfg.image_size, cfg.data_dir or None, n=max(cfg.num_examples, 1))
+    docs = shapes.interleaved_documents(cfg.split, cfg.image_size, cfg.data_dir or None, n=max(cfg.num_examples, 1),
+                                        backend=cfg.shapes_backend)
     prompts = [[d.segments[0].image, d.segments[1].text] for d in docs]
     budget = 2 * (pipe.codes_per_image + 2) + cfg.max_new_tokens
     results = common.generate_all(

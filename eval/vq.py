@@ -48,16 +48,17 @@ class EvalVQConfig:
     num_examples: int = param(0, "score only the first N pictures (0 = the whole split)")
     batch_size: int = param(100, "pictures encoded / decoded together")
     data_dir: str = param("", "Shapes data directory (empty = the default)")
+    shapes_backend: str = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
     judge: bool = param(True, "run the Shapes judge on the reconstructions")
     grid_size: int = param(16, "pictures shown in eval_vq.png")
     pictures: str = param("", "a folder of pictures to score instead of a Shapes split (fitted to the tokenizer's "
                               "size; the judge is off); empty = Shapes")
 
 
-def _load_split(split: str, image_size: int, data_dir: str | None, limit: int):
+def _load_split(split: str, image_size: int, data_dir: str | None, limit: int, backend: str = "auto"):
     from chameleon_jax.data import shapes
 
-    source = shapes.load(split, image_size=image_size, data_dir=data_dir)
+    source = shapes.load(split, image_size=image_size, data_dir=data_dir, backend=backend)
     n = len(source) if limit <= 0 else min(limit, len(source))
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     objects = []
@@ -81,6 +82,7 @@ def _timed(fn, x, batch_size: int):
 def evaluate(
     source, split: str = "test", *, num_examples: int = 0, batch_size: int = 100, data_dir: str | None = None,
     out_dir: str | os.PathLike | None = None, judge: bool = True, grid_size: int = 16, images=None, objects=None,
+    shapes_backend: str = "auto",
 ) -> dict[str, Any]:
     """Scores a tokenizer on a Shapes split and returns the figures (see the module docstring).
 
@@ -90,6 +92,7 @@ def evaluate(
       nothing is written when it is None and `source` is a Tokenizer.
     images / objects: score these pictures (uint8 [N, S, S, 3]) and their object lists instead of
       reading the split (objects may be None when judge=False).
+    shapes_backend: how the split is read (`shapes.load`'s backend: auto, tfds or generate).
     """
     from train.metrics import update_headline
     from vqvae import image_metrics, viz
@@ -105,7 +108,7 @@ def evaluate(
     if not tok.can_decode:
         raise ValueError("this tokenizer cannot decode (encoder-only import); reconstruction metrics need a decoder")
     if images is None:
-        images, objects = _load_split(split, tok.image_size, data_dir, num_examples)
+        images, objects = _load_split(split, tok.image_size, data_dir, num_examples, shapes_backend)
     n = len(images)
     batch_size = min(batch_size, n)
 
@@ -205,6 +208,7 @@ def main(argv=None) -> None:
         results = evaluate(
             tok, split, num_examples=cfg.num_examples, batch_size=cfg.batch_size, data_dir=cfg.data_dir or None,
             out_dir=cfg.run_dir, judge=judge, grid_size=cfg.grid_size, images=images,
+            shapes_backend=cfg.shapes_backend,
         )
         print(format_results(results))
 

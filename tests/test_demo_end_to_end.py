@@ -106,6 +106,8 @@ def test_tiny_demo_runs_end_to_end_and_reuses_stages(tmp_path, monkeypatch, caps
         assert section in page, section
     assert (run_dir / "lm" / "model" / "config.json").exists()
     assert (run_dir / "eval" / "t2i.json").exists()
+    # Every stage drew its Shapes examples on access (shapes_backend=generate): nothing was built.
+    assert not list((tmp_path / "data").glob("chameleon_shapes*")), sorted((tmp_path / "data").iterdir())
 
     # A second run reuses every finished stage and reproduces the figures.
     capsys.readouterr()

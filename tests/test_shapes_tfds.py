@@ -97,6 +97,17 @@ def test_load_images(built):
         np.testing.assert_array_equal(imgs[i], src[i]["image"])
 
 
+def test_load_images_reads_only_the_first_limit(built):
+    src = shapes.load("test", data_dir=built, sizes=TINY)
+    first = shapes.load_images("test", data_dir=built, sizes=TINY, limit=3)
+    assert first.shape == (3, 64, 64, 3)
+    for i in range(3):
+        np.testing.assert_array_equal(first[i], src[i]["image"])
+    assert len(shapes.load_images("test", data_dir=built, sizes=TINY, limit=10**6)) == TINY["test"]
+    drawn = shapes.load_images("test", sizes=TINY, backend="generate", limit=3)  # same pictures, nothing read
+    np.testing.assert_array_equal(drawn, first)
+
+
 def test_other_image_size_is_its_own_config(tmp_path):
     sizes = {"train": 4, "validation": 2, "test": 2, "heldout": 2}
     src = shapes.load("validation", image_size=32, data_dir=tmp_path, sizes=sizes)

@@ -66,6 +66,9 @@ class VQDataConfig:
     train_split: str = param("train", "Shapes (or TFDS) split to train on")
     preview_split: str = param("validation", "Shapes (or TFDS) split whose first pictures are shown in samples/")
     num_examples: int = param(0, "use only the first N training pictures (0 = all)")
+    shapes_backend: Literal["auto", "tfds", "generate"] = param(
+        "auto", "Shapes storage: tfds reads the built array_record files (built on first use), generate draws "
+                "the same pictures on access with nothing on disk, auto is tfds when tensorflow_datasets imports")
     data_dir: str = param("", "Shapes data directory (empty = default), the picture folder for source=folder, "
                               "or the TFDS data folder for source=tfds")
     tfds_name: str = param("", "source=tfds: the data set name (name[/config])")
@@ -191,8 +194,8 @@ def load_images(data: VQDataConfig, split: str, image_size: int, limit: int = 0)
         return np.stack([pics[i] for i in range(len(pics))])
     from chameleon_jax.data import shapes
 
-    images = shapes.load_images(split, image_size=image_size, data_dir=data.data_dir or None)
-    return images[:limit] if limit else images
+    return shapes.load_images(split, image_size=image_size, data_dir=data.data_dir or None,
+                              backend=data.shapes_backend, limit=limit)
 
 
 _STREAMED = ("folder", "tfds", "array_record")

@@ -202,12 +202,15 @@ def load(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = 
 
 
 def load_images(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = None,
-                sizes: Mapping[str, int] | None = None, *, seed: int = 0, backend: str = "auto") -> np.ndarray:
-    """Every picture of a split: uint8 [N, S, S, 3] (for training the image tokenizer)."""
+                sizes: Mapping[str, int] | None = None, *, seed: int = 0, backend: str = "auto",
+                limit: int = 0) -> np.ndarray:
+    """The pictures of a split, or its first `limit` (0 = all): uint8 [N, S, S, 3] (for training
+    the image tokenizer). Only those are read (or, with backend="generate", drawn)."""
     source = load(split, image_size, data_dir, sizes, seed=seed, backend=backend)
-    out = np.empty((len(source), image_size, image_size, 3), np.uint8)
+    n = min(limit, len(source)) if limit > 0 else len(source)
+    out = np.empty((n, image_size, image_size, 3), np.uint8)
     chunk = 1024
-    for start in range(0, len(source), chunk):
-        for j, record in enumerate(source.__getitems__(range(start, min(start + chunk, len(source))))):
+    for start in range(0, n, chunk):
+        for j, record in enumerate(source.__getitems__(range(start, min(start + chunk, n)))):
             out[start + j] = record["image"]
     return out

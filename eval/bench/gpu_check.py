@@ -1,6 +1,6 @@
 """One-accelerator performance check: training MFU and decode speed against the chip's limits.
 
-    python -m eval.bench.gpu_check              # on one H100/H200/TPU: a few minutes
+    python -m eval.bench.gpu_check              # on one H100/H200/TPU: several minutes (the Jacobi part alone 4 on an H200)
     python -m eval.bench.gpu_check --smoke      # tiny shapes, seconds, any machine (the CPU test runs this)
 
 Prints one JSON object on stdout (progress goes to stderr):

@@ -48,12 +48,14 @@ def test_the_schedule_is_long_on_an_accelerator_and_as_given_on_a_cpu():
         demo.with_schedule(configlib.apply_overrides(cfg, ["long_steps_factor=0"]), "gpu")
 
 
-def test_the_demos_transformer_shares_rows_through_the_digits_of_its_tokenizers_codes():
+def test_the_demos_recipe_digit_rows_and_twice_the_text_to_image_documents():
     from eval import demo
 
     cfg = demo.PRESETS["demo"]()
     assert cfg.lm.model.image_code_digits == (-1,)  # train.lm reads the tokenizer's FSQ levels
     assert cfg.vq.model.quantizer == "fsq" and len(cfg.vq.model.fsq_levels) > 1
+    data = cfg.lm.data
+    assert data.t2i_weight == 2 * data.caption_weight == 2 * data.vqa_weight
 
 
 @pytest.mark.parametrize("preset", ["demo", "tiny"])

@@ -30,7 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class EvalVQConfig:
     num_examples: int = param(0, "score only the first N pictures (0 = the whole split)")
     batch_size: int = param(100, "pictures encoded / decoded together")
     data_dir: str = param("", "Shapes data directory (empty = the default)")
-    shapes_backend: str = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
+    shapes_backend: Literal["auto", "tfds", "generate"] = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
     judge: bool = param(True, "run the Shapes judge on the reconstructions")
     grid_size: int = param(16, "pictures shown in eval_vq.png")
     pictures: str = param("", "a folder of pictures to score instead of a Shapes split (fitted to the tokenizer's "

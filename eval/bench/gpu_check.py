@@ -285,7 +285,6 @@ def check_jacobi(cfg: ModelConfig, *, codes: int, window: int, cfg_scale: float,
                 out = generate_tokens(model, vocab, [prompt], modality="image", max_new_tokens=codes + 2,
                                       image=SamplingParams(1.0), guidance=guidance, codes_per_image=codes,
                                       seed=next(seeds), image_decoding=decoding, jacobi_window=window)
-                jax.block_until_ready(out.tokens)
                 if len(out.tokens[0]) != codes + 2 or out.tokens[0][-1] != vocab.eoi_id:
                     raise RuntimeError(f"{decoding}: a picture of {len(out.tokens[0]) - 2} codes, not {codes}")
                 passes.append(out.steps)

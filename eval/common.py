@@ -17,6 +17,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from chameleon_jax.config import MeshConfig
 from chameleon_jax.configlib import param
+from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
 from chameleon_jax.generation.distributed import DistributedConfig, is_primary, maybe_initialize
 
 
@@ -46,7 +47,7 @@ class EvalConfig:
                                               "Jacobi decoding (jacobi: same distribution, fewer passes)")
     jacobi_window: int = param(16, "draft codes verified per forward pass with image_decoding=jacobi")
     data_dir: str = param("", "where the Shapes data set lives; empty = the default data directory")
-    shapes_backend: Literal["auto", "tfds", "generate"] = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
+    shapes_backend: ShapesBackend = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
     mesh: MeshConfig = param(
         MeshConfig(data=1, fsdp=1, tensor=1),
         "device mesh and rules, as in training: the sizes name how many devices (data=1 alone: one device; "

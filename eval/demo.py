@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal
 
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
+from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
 from eval import common
 from eval.report import HEADLINE
 from train import lm_config
@@ -50,7 +51,7 @@ class DemoConfig:
                 "prints which it chose")
     long_steps_factor: int = param(4, "how many times lm.steps (and its eval and checkpoint intervals) the long schedule runs")
     image_size: int = param(32, "Shapes picture size (24, 32, 64 or 128); the tokenizer, the LM data and the evaluations take it. At 32 the tokenizer's 4x4 codes straddle the 3x3 layout's cells: objects cross code edges and neighbours share codes. image_size=24 vq.steps=6000 is the one-code-per-cell regime (the `shapes24` tokenizer: each code a whole cell)")
-    shapes_backend: Literal["auto", "tfds", "generate"] = param(
+    shapes_backend: ShapesBackend = param(
         "auto", "how every stage reads Shapes: tfds builds the splits once as array_record files and reads them, "
                 "generate draws the same examples on access with nothing on disk (no build), auto is tfds when "
                 "tensorflow_datasets imports")

@@ -30,12 +30,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
+from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,7 @@ class EvalVQConfig:
     num_examples: int = param(0, "score only the first N pictures (0 = the whole split)")
     batch_size: int = param(100, "pictures encoded / decoded together")
     data_dir: str = param("", "Shapes data directory (empty = the default)")
-    shapes_backend: Literal["auto", "tfds", "generate"] = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
+    shapes_backend: ShapesBackend = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
     judge: bool = param(True, "run the Shapes judge on the reconstructions")
     grid_size: int = param(16, "pictures shown in eval_vq.png")
     pictures: str = param("", "a folder of pictures to score instead of a Shapes split (fitted to the tokenizer's "
@@ -82,7 +83,7 @@ def _timed(fn, x, batch_size: int):
 def evaluate(
     source, split: str = "test", *, num_examples: int = 0, batch_size: int = 100, data_dir: str | None = None,
     out_dir: str | os.PathLike | None = None, judge: bool = True, grid_size: int = 16, images=None, objects=None,
-    shapes_backend: str = "auto",
+    shapes_backend: ShapesBackend = "auto",
 ) -> dict[str, Any]:
     """Scores a tokenizer on a Shapes split and returns the figures (see the module docstring).
 

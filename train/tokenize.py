@@ -30,6 +30,7 @@ from typing import Any, Literal
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
 from chameleon_jax.data.documents import DataError
+from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
 
 log = logging.getLogger("train.tokenize")
 
@@ -63,7 +64,7 @@ class TokenizeConfig:
     shapes_split: str = param("train", "Shapes split")
     shapes_docs: int = param(20000, "Shapes documents to draw from the endless task mixture")
     shapes_examples: int = param(0, "Shapes examples (pictures) in the split; 0 = the data set's default")
-    shapes_backend: str = param("auto", "Shapes storage: auto, tfds or generate")
+    shapes_backend: ShapesBackend = param("auto", "Shapes storage: auto, tfds or generate")
     caption_weight: float = param(1.0, "Shapes mixture weight: image -> caption")
     t2i_weight: float = param(1.0, "Shapes mixture weight: caption -> image")
     vqa_weight: float = param(1.0, "Shapes mixture weight: question + image -> answer")

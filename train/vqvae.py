@@ -45,6 +45,7 @@ import numpy as np
 
 from chameleon_jax import configlib
 from chameleon_jax.configlib import ConfigError, param
+from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
 from train.optim import OptimConfig
 from train.run import RunSession, TrainingDivergedError, clear_run, enable_compilation_cache, guard, setup_logging
 from vqvae.config import VQ_PRESETS, VQConfig
@@ -66,7 +67,7 @@ class VQDataConfig:
     train_split: str = param("train", "Shapes (or TFDS) split to train on")
     preview_split: str = param("validation", "Shapes (or TFDS) split whose first pictures are shown in samples/")
     num_examples: int = param(0, "use only the first N training pictures (0 = all)")
-    shapes_backend: Literal["auto", "tfds", "generate"] = param(
+    shapes_backend: ShapesBackend = param(
         "auto", "Shapes storage: tfds reads the built array_record files (built on first use), generate draws "
                 "the same pictures on access with nothing on disk, auto is tfds when tensorflow_datasets imports")
     data_dir: str = param("", "Shapes data directory (empty = default), the picture folder for source=folder, "

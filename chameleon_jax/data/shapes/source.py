@@ -185,8 +185,8 @@ def load(split: str, image_size: int = 64, data_dir: str | os.PathLike | None = 
     """
     if split not in spec.SPLITS:
         raise ValueError(f"unknown Shapes split {split!r}; known splits: {', '.join(spec.SPLITS)}")
-    if backend not in ("auto", "tfds", "generate"):
-        raise ValueError(f"backend must be 'auto', 'tfds' or 'generate', got {backend!r}")
+    if backend not in spec.BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(spec.BACKENDS)}, got {backend!r}")
     if backend == "auto":
         backend = "tfds" if _tfds_available() else "generate"
     if backend == "generate":

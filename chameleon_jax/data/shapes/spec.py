@@ -10,7 +10,7 @@ caption writer and the caption parser all read from this one file.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 
@@ -60,6 +60,11 @@ SEEN_PAIR_IDS = tuple(
 )
 
 SPLITS = ("train", "validation", "test", "heldout")
+
+# How a stage reads Shapes (source.load): "tfds" builds the splits once as array_record files and
+# reads them, "generate" draws each example on access, "auto" is "tfds" when TFDS imports.
+Backend = Literal["auto", "tfds", "generate"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_SPLIT_SIZES = {"train": 20_000, "validation": 1_000, "test": 1_000, "heldout": 1_000}
 
 

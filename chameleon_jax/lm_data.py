@@ -24,7 +24,6 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from chameleon_jax.configlib import param
-from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
 from chameleon_jax.sequence import SequenceConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class LMDataConfig:
     train_docs: int = param(
         0, "Shapes documents tokenised for training; 0 = as many as `steps` read in one pass, estimated from the "
            "first documents' length (a longer run repeats them in a new order)")
-    shapes_backend: ShapesBackend = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
+    shapes_backend: str = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
     caption_weight: float = param(1.0, "Shapes mixture weight: image -> caption")
     t2i_weight: float = param(1.0, "Shapes mixture weight: caption -> image")
     vqa_weight: float = param(1.0, "Shapes mixture weight: question + image -> answer")

@@ -46,14 +46,28 @@ def digit_matrix(levels: Sequence[int], offset: int, vocab_size: int) -> np.ndar
     return out
 
 
+def own_column_mask(levels: Sequence[int], offset: int, vocab_size: int) -> np.ndarray:
+    """float32 [vocab_size]: 0 at the image codes' ids, 1 elsewhere (which output columns a
+    digits-only head keeps)."""
+    keep = np.ones((vocab_size,), np.float32)
+    keep[offset:offset + math.prod(levels)] = 0.0
+    return keep
+
+
 class CodeDigitEmbed(nnx.Module):
-    """Per-digit rows added to the image codes' embeddings (`embed`) and logits (`logits`)."""
+    """Per-digit rows added to the image codes' embeddings (`embed`) and logits (`logits`).
+
+    With `own_logits=False` an image code's own output column is dropped: its logit is
+    the sum of its digit terms alone, so the distribution over codes factorises into one
+    distribution per digit and nothing the head learns belongs to a single code.
+    """
 
     def __init__(self, levels: Sequence[int], offset: int, vocab_size: int, dim: int, *, init_std: float, dtype,
-                 param_dtype, rngs: nnx.Rngs):
+                 param_dtype, rngs: nnx.Rngs, own_logits: bool = True):
         self.levels = tuple(int(n) for n in levels)
         self.offset = int(offset)
         self.vocab_size = int(vocab_size)
+        self.own_logits = bool(own_logits)
         self.dtype = dtype
         digit_matrix(self.levels, self.offset, self.vocab_size)  # checks the block fits the vocabulary
         width = sum(self.levels)
@@ -74,13 +88,22 @@ class CodeDigitEmbed(nnx.Module):
         per_digit_btl = dense(x_btd.astype(self.dtype), self.output_dl[...].astype(self.dtype), jnp.float32)
         return per_digit_btl @ self._matrix().T
 
+    def add_to(self, head_logits_btv: jax.Array, x_btd: jax.Array) -> jax.Array:
+        """The output head's logits with the digit terms added (and, without own logits,
+        the image codes' own columns zeroed first; they then get no gradient)."""
+        if not self.own_logits:
+            keep_v = jnp.asarray(own_column_mask(self.levels, self.offset, self.vocab_size))
+            head_logits_btv = head_logits_btv * keep_v.astype(head_logits_btv.dtype)
+        return head_logits_btv + self.logits(x_btd)
 
-def fold(levels: Sequence[int], offset: int, params: dict) -> dict:
+
+def fold(levels: Sequence[int], offset: int, params: dict, own_logits: bool = True) -> dict:
     """The same model without the digit tables: a copy of a pure-dict parameter tree whose
     token embedding and output projection include the digit rows, and no `code_digits`.
 
     The digit terms are linear in the tables, so folding them in gives the same logits;
     the result is a plain Chameleon parameter tree (for export to other implementations).
+    `own_logits=False` (a digits-only head) drops the image codes' own output columns first.
     """
     params = dict(params)
     digits = params.pop("code_digits")
@@ -89,6 +112,8 @@ def fold(levels: Sequence[int], offset: int, params: dict) -> dict:
     input_ld, output_dl = np.asarray(digits["input_ld"], np.float32), np.asarray(digits["output_dl"], np.float32)
     table, w = np.asarray(embed["embedding_vd"]), np.asarray(head["w_dv"])
     embed["embedding_vd"] = (table.astype(np.float32) + m_vl @ input_ld).astype(table.dtype)
+    if not own_logits:
+        w = w * own_column_mask(levels, offset, w.shape[1]).astype(w.dtype)
     head["w_dv"] = (w.astype(np.float32) + output_dl @ m_vl.T).astype(w.dtype)
     params["embed"], params["lm_head"] = embed, head
     return params

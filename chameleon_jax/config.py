@@ -64,6 +64,11 @@ class ModelConfig:
         "parameters (see chameleon_jax.code_digits); () = off, as in Chameleon; train.lm reads (-1,) as the "
         "image tokenizer's FSQ levels",
     )
+    image_code_own_logits: bool = param(
+        True,
+        "with image_code_digits: true = an image code's logit is its own output column plus its digit terms; false "
+        "= its digit terms only, so the model's distribution over codes is a product of one distribution per digit",
+    )
     image_code_offset: int = param(-1, "id of image code 0, read by image_code_digits (train.lm sets it from the vocabulary)")
     boi_id: int = param(-1, "<boi> token id, read by image_positions (train.lm sets it from the vocabulary)")
     eoi_id: int = param(-1, "<eoi> token id, read by image_positions (train.lm sets it from the vocabulary)")

@@ -139,7 +139,8 @@ def _code_digit_embed(cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> C
                          f"model.image_code_offset (got {cfg.image_code_offset}); train.lm resolves (-1,) from the "
                          "image tokenizer and the vocabulary")
     return CodeDigitEmbed(cfg.image_code_digits, cfg.image_code_offset, cfg.vocab_size, cfg.hidden_dim,
-                          init_std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                          init_std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                          own_logits=cfg.image_code_own_logits)
 
 
 class Transformer(nnx.Module):
@@ -246,7 +247,7 @@ class Transformer(nnx.Module):
         h_btd = self.final_norm(x_btd)
         logits_btv = self.lm_head(h_btd)
         if self.code_digits is not None:
-            logits_btv = constrain(logits_btv + self.code_digits.logits(h_btd),
+            logits_btv = constrain(self.code_digits.add_to(logits_btv, h_btd),
                                    ("activation_batch", "activation_length", "activation_vocab"))
         return logits_btv
 

@@ -72,6 +72,28 @@ def test_folding_the_digit_rows_into_the_tables_gives_the_same_logits():
     assert np.abs(full_logits(tiny_model(0), row) - want).max() > 1e-2
 
 
+def test_a_digits_only_head_factorises_the_code_distribution_and_folds():
+    model = digit_model(image_code_own_logits=False)
+    row = [BOS, 10, 11, BOI] + [TEXT_END + c for c in (0, 5, 26, 13)] + [EOI, 12]
+    want = full_logits(model, row)
+    # A code's log-probability among the codes is the sum of one log-probability per digit:
+    # its logits, minus the text ids', are additive in the digit values.
+    codes_tc = want[:, TEXT_END:TEXT_END + 27].reshape(-1, 3, 3, 3)  # [t, d2, d1, d0]
+    additive = (codes_tc[:, :, :, :1] + codes_tc[:, :, :1, :] + codes_tc[:, :1, :, :]
+                - codes_tc[:, :1, :, :1] - codes_tc[:, :1, :1, :] - codes_tc[:, :, :1, :1] + codes_tc[:, :1, :1, :1])
+    np.testing.assert_allclose(codes_tc, additive, rtol=1e-5, atol=1e-5)
+    # With own columns the same parameters give codes logits that are not additive.
+    own = digit_model()
+    nnx.update(own, nnx.state(model, nnx.Param))
+    own_tc = full_logits(own, row)[:, TEXT_END:TEXT_END + 27].reshape(-1, 3, 3, 3)
+    assert np.abs(own_tc - codes_tc).max() > 1e-3
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    folded = code_digits.fold(LEVELS, TEXT_END, jax.tree.map(np.asarray, params), own_logits=False)
+    plain = tiny_model(1)
+    nnx.update(plain, folded)
+    np.testing.assert_allclose(full_logits(plain, row), want, rtol=1e-5, atol=1e-5)
+
+
 def test_decoding_with_the_cache_gives_the_full_forward_logits():
     model = digit_model()
     row = [BOS, 10, BOI] + [TEXT_END + c for c in (3, 7, 20)] + [EOI]

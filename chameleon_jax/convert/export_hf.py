@@ -64,7 +64,7 @@ def transformer_tensors(cfg: ModelConfig, params: dict, dtype: np.dtype) -> dict
     """HF name -> tensor for every transformer parameter (a pure-dict tree as `load_model` holds it).
     Per-digit image-code rows (`image_code_digits`) are folded into the embedding and output tables."""
     if cfg.image_code_digits:
-        params = code_digits.fold(cfg.image_code_digits, cfg.image_code_offset, params)
+        params = code_digits.fold(cfg.image_code_digits, cfg.image_code_offset, params, cfg.image_code_own_logits)
     out = {}
     for name, hf_shape, key, _, transposed in top_table(cfg):
         out[name] = ours_to_hf(_get(params, key), transposed, hf_shape)

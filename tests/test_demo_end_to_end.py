@@ -48,11 +48,12 @@ def test_the_schedule_is_long_on_an_accelerator_and_as_given_on_a_cpu():
         demo.with_schedule(configlib.apply_overrides(cfg, ["long_steps_factor=0"]), "gpu")
 
 
-def test_the_demos_recipe_digit_rows_and_twice_the_text_to_image_documents():
+def test_the_demos_recipe_digit_rows_a_digits_only_head_and_twice_the_text_to_image_documents():
     from eval import demo
 
     cfg = demo.PRESETS["demo"]()
     assert cfg.lm.model.image_code_digits == (-1,)  # train.lm reads the tokenizer's FSQ levels
+    assert cfg.lm.model.image_code_own_logits is False
     assert cfg.vq.model.quantizer == "fsq" and len(cfg.vq.model.fsq_levels) > 1
     data = cfg.lm.data
     assert data.t2i_weight == 2 * data.caption_weight == 2 * data.vqa_weight

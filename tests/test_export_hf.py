@@ -70,7 +70,7 @@ def random_vq(cfg, seed: int):
 
 @pytest.fixture(scope="module", params=[("shared", True, False, ()), ("per_head", False, True, ()),
                                         ("shared", False, False, (2, 4, 4))],
-                ids=["shared-qknorm-scan", "per-head-qknorm-swin", "code-digits-folded"])
+                ids=["shared-qknorm-scan", "per-head-qknorm-swin", "digits-only-head-folded"])
 def exported(request, tmp_path_factory):
     from vqvae.tokenizer import save_tokenizer
 
@@ -80,7 +80,8 @@ def exported(request, tmp_path_factory):
     vocab = Vocabulary.train(TEXTS * 20, src / "vocab", text_vocab_size=64, codebook_size=32)
     cfg = ModelConfig(vocab_size=vocab.padded_size(16), hidden_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       head_dim=8, ffn_dim=64, max_seq_len=64, qk_norm=qk_norm, swin_norm=swin, scan_layers=scan,
-                      image_code_digits=digits, image_code_offset=int(vocab.code_to_id[0]) if digits else -1)
+                      image_code_digits=digits, image_code_offset=int(vocab.code_to_id[0]) if digits else -1,
+                      image_code_own_logits=not digits)  # the demo's head: image codes scored by their digits alone
     model = random_model(cfg, seed=3)
     save_model(src, model, cfg)
     save_tokenizer(random_vq(vq_config(), seed=4), src / "tokenizer")

@@ -76,13 +76,13 @@ def test_a_digits_only_head_factorises_the_code_distribution_and_folds():
     model = digit_model(image_code_own_logits=False)
     row = [BOS, 10, 11, BOI] + [TEXT_END + c for c in (0, 5, 26, 13)] + [EOI, 12]
     want = full_logits(model, row)
-    # A code's log-probability among the codes is the sum of one log-probability per digit:
-    # its logits, minus the text ids', are additive in the digit values.
-    codes_tc = want[:, TEXT_END:TEXT_END + 27].reshape(-1, 3, 3, 3)  # [t, d2, d1, d0]
+    # The codes' logits are additive in the digit values (no interaction term), so the
+    # distribution over codes is a product of one distribution per digit.
+    codes_tc = want[:, TEXT_END:TEXT_END + 27].reshape(-1, 3, 3, 3)  # [t, d2, d1, d0]: code = d0 + 3 d1 + 9 d2
     additive = (codes_tc[:, :, :, :1] + codes_tc[:, :, :1, :] + codes_tc[:, :1, :, :]
                 - codes_tc[:, :1, :, :1] - codes_tc[:, :1, :1, :] - codes_tc[:, :, :1, :1] + codes_tc[:, :1, :1, :1])
     np.testing.assert_allclose(codes_tc, additive, rtol=1e-5, atol=1e-5)
-    # With own columns the same parameters give codes logits that are not additive.
+    # The same parameters with own columns give other code logits (the own columns are live there).
     own = digit_model()
     nnx.update(own, nnx.state(model, nnx.Param))
     own_tc = full_logits(own, row)[:, TEXT_END:TEXT_END + 27].reshape(-1, 3, 3, 3)

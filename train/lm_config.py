@@ -88,18 +88,19 @@ def demo() -> LMTrainConfig:
     """The end-to-end demo: a 192-wide `small` trained on Shapes after the VQ stage (pass vq_dir=...)."""
     cfg = small()
     # Sized to fit the demo's 30 minutes on 2 CPU cores as nearly as its goals allow. The transformer
-    # is `small` narrowed to 192 (6 heads of 32, MLP 576; 2.7M parameters): a step costs 1.05 s
-    # against 1.4 s, so it sees 2000 batches in the time `small` sees 1350, and answers questions
-    # better (VQA 0.948 against 0.920 on seed 0). Interleaved documents are long and not among the
-    # headline goals, so they get a quarter of the weight; one-object pictures are easy, so t2i and
-    # VQA documents show two objects 85% of the time (captions keep 60%, or the captioner learns to
-    # name a second object that is not there); 100000 training pictures keep the model from
-    # learning the training pictures' codes by heart. Image codes share learned rows through their
-    # FSQ digits (chameleon_jax.code_digits), and the output head scores an image code by its
-    # digits alone (image_code_own_logits=False), so the distribution over codes is one per digit:
-    # held-out (colour, shape) pairs are drawn right far more often. Text-to-image documents get
-    # twice the weight of VQA's and caption documents 1.5 times: more held-out pairs drawn right,
-    # and the captions that the digits-only head costs won back. docs/experiments.md has the runs.
+    # is `small` narrowed to 192 (6 heads of 32, MLP 576; 2.7M parameters): a step costs 0.91-0.93 s
+    # against 1.38 s, so it sees 2000 batches in the time `small` sees 1350, and answers questions
+    # better (VQA 0.948-0.954 against 0.920-0.930 over two data seeds). Interleaved documents are
+    # long and not among the headline goals, so they get a quarter of the weight; one-object
+    # pictures are easy, so t2i and VQA documents show two objects 85% of the time (captions keep
+    # 60%, or the captioner learns to name a second object that is not there); 100000 training
+    # pictures keep the model from learning the training pictures' codes by heart. Image codes share
+    # learned rows through their FSQ digits (chameleon_jax.code_digits), and the output head scores
+    # an image code by its digits alone (image_code_own_logits=False), so the distribution over
+    # codes is one per digit: held-out (colour, shape) pairs are drawn right far more often.
+    # Text-to-image documents get twice the weight of VQA's and caption documents 1.5 times: more
+    # held-out pairs drawn right, and the captions that the digits-only head costs won back.
+    # docs/experiments.md has the runs.
     model = dataclasses.replace(cfg.model, hidden_dim=192, num_heads=6, num_kv_heads=6, ffn_dim=576,
                                 image_code_digits=(-1,), image_code_own_logits=False)
     return dataclasses.replace(

@@ -90,7 +90,7 @@ def demo() -> LMTrainConfig:
     # Sized to fit the demo's 30 minutes on 2 CPU cores as nearly as its goals allow. The transformer
     # is `small` narrowed to 192 (6 heads of 32, MLP 576; 2.7M parameters): a step costs 0.91-0.93 s
     # against 1.38 s, so it sees 2000 batches in the time `small` sees 1350, and answers questions
-    # better (VQA 0.948-0.954 against 0.920-0.930 over two data seeds). Interleaved documents are
+    # better (VQA 0.937-0.954 against 0.920-0.930 over four runs). Interleaved documents are
     # long and not among the headline goals, so they get a quarter of the weight; one-object
     # pictures are easy, so t2i and VQA documents show two objects 85% of the time (captions keep
     # 60%, or the captioner learns to name a second object that is not there); 100000 training

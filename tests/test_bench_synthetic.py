@@ -41,7 +41,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_plan_compile_gets_the_cpu_devices_its_mesh_needs_after_jax_is_imported():
     r = _run("import sys\n"
              "from eval.bench import plan\n"
-             "from eval.bench.synthetic import jax_started, set_cpu_devices\n"
+             "from chameleon_jax.host_devices import jax_started, set_cpu_devices\n"
              "assert 'jax' in sys.modules and not jax_started()\n"
              "plan.main(['--preset', 'tiny', '--mesh', 'data=2', '--batch', '2', '--seq', '16', '--compile', "
              "'--json'])\n"

@@ -11,8 +11,8 @@ from typing import Any, Callable, Sequence
 from chameleon_jax import configlib
 from chameleon_jax.checkpoint import path_str
 from chameleon_jax.config import MeshConfig
+from chameleon_jax.host_devices import jax_started, set_cpu_devices
 from eval.bench import accelerators
-from eval.bench.synthetic import jax_started, set_cpu_devices
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -33,7 +33,8 @@ import numpy as np
 from chameleon_jax import configlib
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig
 from chameleon_jax.configlib import param
-from eval.bench.synthetic import device_batch, make_trainer, set_cpu_devices
+from chameleon_jax.host_devices import set_cpu_devices
+from eval.bench.synthetic import device_batch, make_trainer
 from train.optim import OptimConfig
 
 

@@ -17,7 +17,9 @@ and modality of *predicting it* from the tokens before it:
     <eos>          text       text_weight if the last segment is a target, else 0
 
 Rows are packed greedily in order: documents are appended to the current row while
-they fit, the next one that does not fit opens a new row. Inside a row every
+they fit, the next one that does not fit opens a new row. Or, with `pack_docs` > 1,
+blocks of that many documents are packed best-fit (`best_fit_rows`), which pads less
+when documents are long next to the row. Inside a row every
 document has its own segment id (1, 2, ...), positions restart at 0, and the
 attention mask built from segment ids keeps documents apart. Padding has segment
 id 0, token `pad_id` and weight 0.
@@ -25,6 +27,7 @@ id 0, token `pad_id` and weight 0.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 from typing import Callable, Iterable, Literal, Sequence
@@ -52,6 +55,12 @@ class SequenceConfig:
     overlong: Literal["error", "split", "drop_with_warning"] = param(
         "error",
         "a document longer than a row: raise naming it, split it into row-sized pieces, or drop it with a warning",
+    )
+    pack_docs: int = param(
+        1,
+        "training documents packed together: 1 = in stream order, each row filled until the next document does "
+        "not fit; N > 1 = blocks of N documents packed best-fit, longest first (less padding where documents "
+        "are a sizeable part of a row)",
     )
 
 
@@ -207,6 +216,32 @@ class RowPacker:
         row = self.row
         self.reset()
         return row
+
+
+def best_fit_rows(slots: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Best-fit decreasing: the pieces' indices grouped into rows of at most `seq_len` slots.
+
+    Pieces are placed longest first (ties in input order), each into the open row it
+    leaves least room in, or a new row. Rows come back ordered by their earliest
+    piece and list their pieces in input order, so the stream's order is roughly kept.
+    The result depends only on `slots`, so a block packed again packs the same.
+    """
+    order = sorted(range(len(slots)), key=lambda i: (-slots[i], i))
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    rows: list[list[int]] = []
+    for i in order:
+        need = slots[i]
+        if need > seq_len:
+            raise OverlongDocumentError(f"piece {i} needs {need} slots, a row has {seq_len}")
+        k = bisect.bisect_left(free, (need, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = seq_len, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        bisect.insort(free, (room - need, r))
+    return sorted((sorted(r) for r in rows), key=lambda r: r[0])
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

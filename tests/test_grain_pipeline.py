@@ -99,6 +99,63 @@ def test_pack_rows_gives_the_packers_rows_and_resumes_mid_document(sets):
     assert pieces_in > 0  # the resume inside a document was exercised
 
 
+def test_best_fit_blocks_hold_every_piece_once_and_resume_mid_block(sets):
+    s = sets["a"]
+    docs = document_stream([s], [1], 3, 0, 1)
+    from chameleon_jax.sequence import RowPacker, best_fit_rows, fit_to_row
+
+    block, seq_len = 10, 32
+    stream = batches(docs, seq_len, 0, "split", 3, pack_docs=block)
+    it = GrainBatches(stream)
+    straight = [it.next_local() for _ in range(12)]
+    flat = {k: np.concatenate([b[k] for b in straight]) for k in ("tokens", "targets", "segment_ids", "positions")}
+    # The rows are each block's pieces, grouped as best_fit_rows says, block after block.
+    expected, start = [], 0
+    while len(expected) < len(flat["tokens"]):
+        pieces = [p for i in range(start, start + block) for p in fit_to_row(docs[i], seq_len, "split")]
+        for members in best_fit_rows([p.slots for p in pieces], seq_len):
+            packer = RowPacker(seq_len, 0)
+            for i in members:
+                packer.add(pieces[i])
+            expected.append(packer.take())
+        start += block
+    for key in flat:
+        np.testing.assert_array_equal(flat[key], np.stack([r[key] for r in expected[: len(flat[key])]]))
+    # Restore at every batch boundary (inside blocks and at their ends) gives the same next batches.
+    mid_block = 0
+    for k in range(1, 11):
+        it = GrainBatches(stream)
+        for _ in range(k):
+            it.next_local()
+        state = it.state()
+        mid_block += state["row"] > 0
+        again = GrainBatches(stream)
+        again.restore(state)
+        for want_batch in straight[k:k + 2]:
+            got_batch = again.next_local()
+            for key in want_batch:
+                np.testing.assert_array_equal(got_batch[key], want_batch[key])
+    assert mid_block > 0
+
+
+def test_best_fit_rows_fill_tighter_than_greedy_and_keep_rows_within_seq_len():
+    from chameleon_jax.sequence import best_fit_rows
+
+    rng = np.random.default_rng(0)
+    slots = rng.integers(20, 60, size=200).tolist()
+    rows = best_fit_rows(slots, 128)
+    assert sorted(i for r in rows for i in r) == list(range(200))
+    assert all(sum(slots[i] for i in r) <= 128 for r in rows)
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows) and all(r == sorted(r) for r in rows)
+    greedy, used = 1, 0
+    for n in slots:
+        if used + n > 128:
+            greedy, used = greedy + 1, 0
+        used += n
+    assert len(rows) < greedy
+    assert best_fit_rows(slots, 128) == rows
+
+
 def test_a_document_packed_beside_others_gives_the_logits_it_gives_alone(sets):
     s = sets["a"]
     row = GrainBatches(batches(document_stream([s], [1], 0, 0, 1), 48, 0, "split", 1)).next_local()

@@ -10,8 +10,8 @@ the seed (a new permutation each epoch, grain's index shuffle over the whole set
 so nothing is held in memory), repeated, mixed with the other sets by weight, and
 then dealt to processes (global position i goes to process i mod P): within one
 pass over the mixed stream each process reads its own documents and no other's.
-Documents become rows by `PackRows`, the project's greedy in-order packer
-(chameleon_jax.sequence) as a grain transformation, then grain batches the rows
+Documents become rows by `PackRows`, the project's packers (chameleon_jax.sequence:
+greedy in order, or best-fit over blocks of documents) as a grain transformation, then grain batches the rows
 and, with `workers > 0`, builds batches in that many worker processes.
 """
 
@@ -29,7 +29,7 @@ import grain
 import numpy as np
 
 from chameleon_jax.data.shards import ShardError, ShardSet, decode_record
-from chameleon_jax.sequence import EncodedDocument, RowPacker, fit_to_row
+from chameleon_jax.sequence import EncodedDocument, RowPacker, best_fit_rows, fit_to_row
 from chameleon_jax.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -88,20 +88,81 @@ class _PackRowsIterator(grain.DatasetIterator):
         self._exhausted = False
 
 
+class _BestFitRowsIterator(grain.DatasetIterator):
+    """Rows of blocks of `block` documents, each block packed best-fit (sequence.best_fit_rows). State: the
+    parent's state before the block and the number of its rows handed out, so a restore re-reads one block."""
+
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, overlong: str, block: int):
+        super().__init__(parent)
+        self._seq_len, self._pad_id, self._overlong, self._block = seq_len, pad_id, overlong, block
+        self._rows: list[dict[str, np.ndarray]] | None = None
+        self._next = 0
+        self._block_state = parent.get_state()
+
+    def _pack_block(self) -> None:
+        self._block_state = self._parent.get_state()
+        pieces: list[EncodedDocument] = []
+        for _ in range(self._block):
+            try:
+                doc = next(self._parent)
+            except StopIteration:
+                break
+            pieces.extend(fit_to_row(doc, self._seq_len, self._overlong))
+        self._rows = []
+        for members in best_fit_rows([p.slots for p in pieces], self._seq_len):
+            packer = RowPacker(self._seq_len, self._pad_id)
+            for i in members:
+                packer.add(pieces[i])
+            self._rows.append(packer.take())
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._rows is None:
+            skip, self._next = self._next, 0
+            self._pack_block()
+            self._next = skip
+        if self._next >= len(self._rows):
+            if not self._rows:  # a finite stream ended
+                raise StopIteration
+            self._rows, self._next = None, 0
+            return next(self)
+        row = self._rows[self._next]
+        self._next += 1
+        return row
+
+    def get_state(self) -> dict[str, Any]:
+        if self._rows is None:
+            return {"parent": self._parent.get_state() if self._next == 0 else self._block_state, "row": self._next}
+        return {"parent": self._block_state, "row": self._next}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if "row" not in state:
+            raise ValueError("this data state was saved with data.sequence.pack_docs=1; resume with the same setting")
+        self._parent.set_state(state["parent"])
+        self._block_state = state["parent"]
+        self._rows, self._next = None, int(state["row"])
+
+
 class PackRows(grain.IterDataset):
     """EncodedDocuments -> packed rows (dicts of [seq_len] arrays, chameleon_jax.sequence.BATCH_KEYS).
 
-    Documents longer than a row are split, dropped or refused as `overlong` says (sequence.fit_to_row)."""
+    Documents longer than a row are split, dropped or refused as `overlong` says (sequence.fit_to_row).
+    pack_docs = 1 fills rows in stream order; pack_docs > 1 packs blocks of that many documents best-fit."""
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, overlong: str = "error"):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int, overlong: str = "error",
+                 pack_docs: int = 1):
         super().__init__(parent)
-        self.seq_len, self.pad_id, self.overlong = seq_len, pad_id, overlong
+        if pack_docs < 1:
+            raise ValueError(f"data.sequence.pack_docs={pack_docs} must be >= 1")
+        self.seq_len, self.pad_id, self.overlong, self.pack_docs = seq_len, pad_id, overlong, pack_docs
 
-    def __iter__(self) -> _PackRowsIterator:
+    def __iter__(self) -> grain.DatasetIterator:
+        if self.pack_docs > 1:
+            return _BestFitRowsIterator(self._parent.__iter__(), self.seq_len, self.pad_id, self.overlong,
+                                        self.pack_docs)
         return _PackRowsIterator(self._parent.__iter__(), self.seq_len, self.pad_id, self.overlong)
 
     def __str__(self) -> str:
-        return f"PackRows(seq_len={self.seq_len})"
+        return f"PackRows(seq_len={self.seq_len}, pack_docs={self.pack_docs})"
 
 
 # --------------------------------------------------------------------------- the streams
@@ -142,10 +203,10 @@ def document_stream(sets: Sequence[ShardSet], weights: Sequence[float], seed: in
 
 
 def batches(docs: grain.MapDataset, seq_len: int, pad_id: int, overlong: str, rows: int,
-            workers: int = 0, read_threads: int = 2) -> grain.IterDataset:
-    """Packed batches of `rows` rows; built in `workers` processes when > 0."""
+            workers: int = 0, read_threads: int = 2, pack_docs: int = 1) -> grain.IterDataset:
+    """Packed batches of `rows` rows (see PackRows for pack_docs); built in `workers` processes when > 0."""
     ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows))
-    ds = PackRows(ds, seq_len, pad_id, overlong).batch(rows, drop_remainder=False)
+    ds = PackRows(ds, seq_len, pad_id, overlong, pack_docs).batch(rows, drop_remainder=False)
     return worker_prefetch(ds, workers)
 
 
@@ -257,15 +318,17 @@ class ShardData:
         return cls(cfg, seq_len, vocab, train_sets, [w for _, w in mixture], eval_sets)
 
     def _batches(self, sets, weights, rows: int, process_index: int, process_count: int, shuffle: bool,
-                 workers: int) -> grain.IterDataset:
+                 workers: int, pack_docs: int = 1) -> grain.IterDataset:
         docs = document_stream(sets, weights, self.cfg.seed, process_index, process_count, shuffle)
-        return batches(docs, self.seq_len, self.vocab.pad_id, self.cfg.sequence.overlong, rows, workers)
+        return batches(docs, self.seq_len, self.vocab.pad_id, self.cfg.sequence.overlong, rows, workers,
+                       pack_docs=pack_docs)
 
     def train_iterator(self, global_rows: int, process_index: int = 0, process_count: int = 1) -> GrainBatches:
         if global_rows % process_count:
             raise ValueError(f"global batch {global_rows} does not split over {process_count} processes")
         return GrainBatches(self._batches(self.train_sets, self.weights, global_rows // process_count,
-                                          process_index, process_count, True, self.cfg.workers))
+                                          process_index, process_count, True, self.cfg.workers,
+                                          self.cfg.sequence.pack_docs))
 
     def eval_local_batches(self, global_rows: int, process_index: int = 0, process_count: int = 1) -> list:
         """The fixed validation batches (this process's rows): the first ones of the unshuffled eval sets."""

@@ -46,3 +46,10 @@ def test_folder_source_centre_crops_and_resizes(tmp_path):
     assert (images[:, 8, 8, 0] > 150).all()
     with pytest.raises(configlib.ConfigError, match="data.data_dir"):
         train_vq.load_images(train_vq.VQDataConfig(source="folder"), "train", 16)
+
+
+def test_checkpoint_every_zero_saves_only_the_last_step_and_log_every_zero_is_refused(tmp_path):
+    run = train_vq.run(_cfg(tmp_path / "run", "steps=3", "checkpoint_every=0", "sample_every=0"))
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [3]
+    with pytest.raises(configlib.ConfigError, match="log_every must be >= 1"):
+        train_vq.run(_cfg(tmp_path / "other", "steps=3", "log_every=0"))

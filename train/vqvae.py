@@ -107,7 +107,7 @@ class VQTrainConfig:
     seed: int = param(0, "parameter init and per-step randomness (dead-code restarts)")
     log_every: int = param(20, "steps between metric rows")
     sample_every: int = param(500, "steps between reconstruction previews in samples/ (0 = only at the end)")
-    checkpoint_every: int = param(500, "steps between checkpoints (the last step is always saved)")
+    checkpoint_every: int = param(500, "steps between checkpoints (the last step is always saved; 0 = only the last)")
     keep_checkpoints: int = param(2, "checkpoints kept on disk")
     progress: bool = param(True, "show a tqdm progress bar")
     tensorboard: bool = param(True, "also write TensorBoard events (run_dir/tb/)")
@@ -287,6 +287,11 @@ def run(cfg: VQTrainConfig, *, extra_loss=None) -> Path:
     validate(cfg.model)
     if cfg.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.log_every < 1:
+        raise ConfigError(f"log_every must be >= 1, got {cfg.log_every}")
+    if cfg.checkpoint_every < 0 or cfg.sample_every < 0:
+        raise ConfigError(f"checkpoint_every ({cfg.checkpoint_every}) and sample_every ({cfg.sample_every}) "
+                          "must be >= 0")
     if cfg.optim.grad_accum != 1:
         raise ConfigError("optim.grad_accum is not supported by train.vqvae (raise batch_size instead)")
     n_dev = jax.device_count()
@@ -407,7 +412,7 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
                 bar.set_postfix(loss=f"{loss:.4f}", recon=f"{row['recon']:.4f}", usage=f"{row['usage']:.2f}")
             if cfg.sample_every and done % cfg.sample_every == 0:
                 save_preview(done)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                 # One process: save a host copy. Orbax would otherwise gather every replica of every
                 # replicated array (slow on many local devices); several processes need the global arrays.
                 to_save = jax.device_get(state) if jax.process_count() == 1 else state

@@ -138,6 +138,17 @@ def test_best_fit_blocks_hold_every_piece_once_and_resume_mid_block(sets):
     assert mid_block > 0
 
 
+def test_a_data_state_resumes_only_with_the_packing_it_was_saved_with(sets):
+    docs = document_stream([sets["a"]], [1], 3, 0, 1)
+    greedy, blocks = (GrainBatches(batches(docs, 32, 0, "split", 3, pack_docs=n)) for n in (1, 10))
+    greedy.next_local()
+    blocks.next_local()
+    with pytest.raises(ValueError, match="pack_docs=1; resume with the same setting"):
+        GrainBatches(batches(docs, 32, 0, "split", 3, pack_docs=10)).restore(greedy.state())
+    with pytest.raises(ValueError, match="pack_docs > 1; resume with the same setting"):
+        GrainBatches(batches(docs, 32, 0, "split", 3)).restore(blocks.state())
+
+
 def test_best_fit_rows_fill_tighter_than_greedy_and_keep_rows_within_seq_len():
     from chameleon_jax.sequence import best_fit_rows
 

@@ -11,8 +11,9 @@ so nothing is held in memory), repeated, mixed with the other sets by weight, an
 then dealt to processes (global position i goes to process i mod P): within one
 pass over the mixed stream each process reads its own documents and no other's.
 Documents become rows by `PackRows`, the project's packers (chameleon_jax.sequence:
-greedy in order, or best-fit over blocks of documents) as a grain transformation, then grain batches the rows
-and, with `workers > 0`, builds batches in that many worker processes.
+greedy in stream order, or best-fit over blocks of documents) as a grain
+transformation, then grain batches the rows and, with `workers > 0`, builds batches
+in that many worker processes.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ class _PackRowsIterator(grain.DatasetIterator):
         return {"parent": self._doc_state, "piece": self._piece}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
+        if "piece" not in state:
+            raise ValueError("this data state was saved with data.sequence.pack_docs > 1; resume with the same setting")
         self._parent.set_state(state["parent"])
         self._pieces, self._piece, self._skip = None, 0, int(state["piece"])
         self._exhausted = False

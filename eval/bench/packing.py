@@ -1,0 +1,103 @@
+"""Padding and packing time of the LM loader's packers on a tokenised shard folder.
+
+    python -m eval.bench.packing shards=runs/demo/lm/tokens/train              # the demo's rows
+    python -m eval.bench.packing shards=DIR seq_len=384 rows=16 pack_docs=1,64,512 grain_bins=32
+
+For each `pack_docs` the training stream of the folder (chameleon_jax.data.grain_pipeline,
+seed 0, one process) is read for `batches` batches of `rows` x `seq_len`; the figure is the
+share of slots left as padding and the milliseconds a batch takes to build. For each of
+`grain_bins` the same documents, in the same order, go through grain's own packers
+(`grain.experimental.BestFitPackIterDataset` and `FirstFitPackIterDataset`) for comparison:
+those emit all their open rows whenever a document fits none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from chameleon_jax import configlib
+from chameleon_jax.configlib import param
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPackingConfig:
+    """What to pack."""
+
+    shards: str = param("runs/demo/lm/tokens/train", "tokenised shard folder (train.tokenize output)")
+    seq_len: int = param(192, "tokens per row")
+    rows: int = param(32, "rows per batch")
+    pack_docs: str = param("1,512", "the loader's pack_docs settings to measure, comma-separated")
+    grain_bins: str = param("32,64", "num_packing_bins of grain's packers to compare, comma-separated; empty = none")
+    batches: int = param(600, "batches read per setting (after 5 untimed)")
+    out: str = param("", "also write the figures as JSON here")
+
+
+def _loader(cfg: BenchPackingConfig, pack_docs: int) -> dict[str, float]:
+    from chameleon_jax.data.grain_pipeline import GrainBatches, batches, document_stream
+    from chameleon_jax.data.shards import ShardSet
+
+    docs = document_stream([ShardSet(cfg.shards)], [1.0], 0, 0, 1)
+    it = GrainBatches(batches(docs, cfg.seq_len, 0, "split", cfg.rows, pack_docs=pack_docs))
+    for _ in range(5):
+        it.next_local()
+    used, t0 = 0, time.perf_counter()
+    for _ in range(cfg.batches):
+        used += int((it.next_local()["segment_ids"] > 0).sum())
+    dt = time.perf_counter() - t0
+    return {"padding": 1 - used / (cfg.batches * cfg.rows * cfg.seq_len), "ms_per_batch": 1000 * dt / cfg.batches}
+
+
+def _grain(cfg: BenchPackingConfig, bins: int, kind: str) -> dict[str, float]:
+    import grain
+
+    from chameleon_jax.data.grain_pipeline import document_stream
+    from chameleon_jax.data.shards import ShardSet
+
+    docs = document_stream([ShardSet(cfg.shards)], [1.0], 0, 0, 1)
+    # About as many documents as the loader read: its slots over the documents' mean length.
+    probe = [docs[i].slots for i in range(200)]
+    n = int(cfg.batches * cfg.rows * cfg.seq_len / float(np.mean(probe)))
+    ds = grain.MapDataset.range(n).map(lambda i: {"ids": np.asarray(docs[i].ids[1:], np.int32)}).to_iter_dataset()
+    packer = getattr(grain.experimental, kind)
+    rows, used = 0, 0
+    for row in packer(ds, length_struct={"ids": cfg.seq_len}, num_packing_bins=bins, shuffle_bins=False):
+        rows += 1
+        used += int((row["ids_segment_ids"] > 0).sum())
+    return {"padding": 1 - used / (rows * cfg.seq_len)}
+
+
+def bench(cfg: BenchPackingConfig) -> dict:
+    if not Path(cfg.shards).is_dir():
+        raise configlib.ConfigError(f"shards={cfg.shards} is not a folder (tokenise first: python -m train.tokenize)")
+    out: dict[str, dict] = {}
+    for p in (int(x) for x in cfg.pack_docs.split(",") if x.strip()):
+        r = out[f"pack_docs={p}"] = _loader(cfg, p)
+        print(f"loader pack_docs={p:<5} padding {r['padding']:6.1%}   {r['ms_per_batch']:6.1f} ms a batch of "
+              f"{cfg.rows} x {cfg.seq_len}", flush=True)
+    for b in (int(x) for x in cfg.grain_bins.split(",") if x.strip()):
+        for kind in ("BestFitPackIterDataset", "FirstFitPackIterDataset"):
+            r = out[f"grain {kind} bins={b}"] = _grain(cfg, b, kind)
+            print(f"grain {kind:<24} bins={b:<4} padding {r['padding']:6.1%}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+
+    def go():
+        cfg = configlib.from_cli(argv, {"default": BenchPackingConfig}, "default")
+        result = bench(cfg)
+        if cfg.out:
+            Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    configlib.main_guard(go)
+
+
+if __name__ == "__main__":
+    main()

@@ -88,9 +88,9 @@ def demo() -> LMTrainConfig:
     """The end-to-end demo: a 192-wide `small` trained on Shapes after the VQ stage (pass vq_dir=...)."""
     cfg = small()
     # Sized to fit the demo's 30 minutes on 2 CPU cores as nearly as its goals allow. The transformer
-    # is `small` narrowed to 192 (6 heads of 32, MLP 576; 2.7M parameters): a step costs 0.91-0.93 s
-    # against 1.38 s, so it sees 2000 batches in the time `small` sees 1350, and answers questions
-    # better (VQA 0.937-0.954 against 0.920-0.930 over four runs). Interleaved documents are
+    # is `small` narrowed to 192 (6 heads of 32, MLP 576; 2.7M parameters): on equal rows a step costs
+    # two thirds of `small`'s, so it sees 2000 batches in the time `small` sees 1350, and answers
+    # questions better (VQA 0.937-0.957 against 0.920-0.930). Interleaved documents are
     # long and not among the headline goals, so they get a quarter of the weight; one-object
     # pictures are easy, so t2i and VQA documents show two objects 85% of the time (captions keep
     # 60%, or the captioner learns to name a second object that is not there); 100000 training
@@ -103,7 +103,8 @@ def demo() -> LMTrainConfig:
     # Rows are 192 tokens (32 of them: the same 6144 slots a step as 16 rows of 384). A document is
     # at most 83 tokens and attends only to itself, so shorter rows change nothing the model sees but
     # skip attention between documents (a step 14% cheaper); blocks of 512 documents packed best-fit
-    # pad 5% of the slots, as greedy rows of 384 did (greedy rows of 192 pad 9%).
+    # pad 5% of the slots, as greedy rows of 384 did (greedy rows of 192 pad 9%). With the demo's two
+    # CPU devices a step takes about 0.76 s.
     # docs/experiments.md has the runs.
     model = dataclasses.replace(cfg.model, hidden_dim=192, num_heads=6, num_kv_heads=6, ffn_dim=576,
                                 image_code_digits=(-1,), image_code_own_logits=False)

@@ -119,10 +119,8 @@ class _BestFitRowsIterator(grain.DatasetIterator):
             self._rows.append(packer.take())
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._rows is None:
-            skip, self._next = self._next, 0
+        if self._rows is None:  # the rows before self._next were handed out before a restore
             self._pack_block()
-            self._next = skip
         if self._next >= len(self._rows):
             if not self._rows:  # a finite stream ended
                 raise StopIteration
@@ -133,8 +131,7 @@ class _BestFitRowsIterator(grain.DatasetIterator):
         return row
 
     def get_state(self) -> dict[str, Any]:
-        if self._rows is None:
-            return {"parent": self._parent.get_state() if self._next == 0 else self._block_state, "row": self._next}
+        # Until a block is packed the parent stands where _block_state says (at the start, or restored there).
         return {"parent": self._block_state, "row": self._next}
 
     def set_state(self, state: Mapping[str, Any]) -> None:

@@ -38,11 +38,9 @@ class BenchPackingConfig:
     out: str = param("", "also write the figures as JSON here")
 
 
-def _loader(cfg: BenchPackingConfig, pack_docs: int) -> dict[str, float]:
-    from chameleon_jax.data.grain_pipeline import GrainBatches, batches, document_stream
-    from chameleon_jax.data.shards import ShardSet
+def _loader(cfg: BenchPackingConfig, docs, pack_docs: int) -> dict[str, float]:
+    from chameleon_jax.data.grain_pipeline import GrainBatches, batches
 
-    docs = document_stream([ShardSet(cfg.shards)], [1.0], 0, 0, 1)
     it = GrainBatches(batches(docs, cfg.seq_len, 0, "split", cfg.rows, pack_docs=pack_docs))
     for _ in range(5):
         it.next_local()
@@ -53,13 +51,9 @@ def _loader(cfg: BenchPackingConfig, pack_docs: int) -> dict[str, float]:
     return {"padding": 1 - used / (cfg.batches * cfg.rows * cfg.seq_len), "ms_per_batch": 1000 * dt / cfg.batches}
 
 
-def _grain(cfg: BenchPackingConfig, bins: int, kind: str) -> dict[str, float]:
+def _grain(cfg: BenchPackingConfig, docs, bins: int, kind: str) -> dict[str, float]:
     import grain
 
-    from chameleon_jax.data.grain_pipeline import document_stream
-    from chameleon_jax.data.shards import ShardSet
-
-    docs = document_stream([ShardSet(cfg.shards)], [1.0], 0, 0, 1)
     # About as many documents as the loader read: its slots over the documents' mean length.
     probe = [docs[i].slots for i in range(200)]
     n = int(cfg.batches * cfg.rows * cfg.seq_len / float(np.mean(probe)))
@@ -75,14 +69,18 @@ def _grain(cfg: BenchPackingConfig, bins: int, kind: str) -> dict[str, float]:
 def bench(cfg: BenchPackingConfig) -> dict:
     if not Path(cfg.shards).is_dir():
         raise configlib.ConfigError(f"shards={cfg.shards} is not a folder (tokenise first: python -m train.tokenize)")
+    from chameleon_jax.data.grain_pipeline import document_stream
+    from chameleon_jax.data.shards import ShardSet
+
+    docs = document_stream([ShardSet(cfg.shards)], [1.0], 0, 0, 1)  # the training stream: seed 0, one process
     out: dict[str, dict] = {}
     for p in (int(x) for x in cfg.pack_docs.split(",") if x.strip()):
-        r = out[f"pack_docs={p}"] = _loader(cfg, p)
+        r = out[f"pack_docs={p}"] = _loader(cfg, docs, p)
         print(f"loader pack_docs={p:<5} padding {r['padding']:6.1%}   {r['ms_per_batch']:6.1f} ms a batch of "
               f"{cfg.rows} x {cfg.seq_len}", flush=True)
     for b in (int(x) for x in cfg.grain_bins.split(",") if x.strip()):
         for kind in ("BestFitPackIterDataset", "FirstFitPackIterDataset"):
-            r = out[f"grain {kind} bins={b}"] = _grain(cfg, b, kind)
+            r = out[f"grain {kind} bins={b}"] = _grain(cfg, docs, b, kind)
             print(f"grain {kind:<24} bins={b:<4} padding {r['padding']:6.1%}", flush=True)
     return out
 

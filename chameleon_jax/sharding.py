@@ -163,6 +163,16 @@ def use_mesh(mesh: Mesh, rules: Rules) -> Iterator[Mesh]:
         _ACTIVE.reset(token)
 
 
+@contextlib.contextmanager
+def no_mesh() -> Iterator[None]:
+    """Within this context `constrain` is a no-op (code traced per device, e.g. under `shard_map`)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 def active_mesh() -> tuple[Mesh, Rules] | None:
     """The (mesh, rules) of the enclosing `use_mesh`, or None outside one."""
     return _ACTIVE.get()

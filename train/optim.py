@@ -56,8 +56,14 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> "optax.GradientTransformation":
-    """clip_by_global_norm -> AdamW(schedule, masked weight decay)."""
+def make_optimizer(cfg: OptimConfig, total_steps: int, *, flat: bool = False) -> "optax.GradientTransformation":
+    """clip_by_global_norm -> AdamW(schedule, masked weight decay).
+
+    flat=True runs the same update on two flat vectors, the parameters that decay and the rest
+    (`flat_by_decay`), instead of on each parameter array: a few long element-wise kernels instead of
+    several short ones per array. Its state holds those vectors, so use it only where the whole train
+    state is replicated (a purely data-parallel step), never on a sharded one.
+    """
     import optax
 
     parts = []
@@ -70,7 +76,48 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> "optax.GradientTransfo
             b2=cfg.b2,
             eps=cfg.eps,
             weight_decay=cfg.weight_decay,
-            mask=decay_mask,
+            mask={"decay": True, "rest": False} if flat else decay_mask,
         )
     )
-    return optax.chain(*parts)
+    tx = optax.chain(*parts)
+    return flat_by_decay(tx) if flat else tx
+
+
+def flat_by_decay(inner: "optax.GradientTransformation") -> "optax.GradientTransformation":
+    """`inner` applied to {"decay": vector, "rest": vector}: the parameters `decay_mask` marks, and the
+    others, each raveled into one vector (the update is handed back in the parameters' own structure).
+    optax.flatten makes one vector; two keep the weight-decay mask."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def grouped(tree, params):
+        flags = jax.tree.leaves(decay_mask(params))
+        leaves = jax.tree.leaves(tree)
+
+        def cat(want: bool):
+            parts = [x.reshape(-1) for x, f in zip(leaves, flags) if f == want]
+            return jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
+
+        return {"decay": cat(True), "rest": cat(False)}
+
+    def ungrouped(groups, params):
+        leaves, treedef = jax.tree.flatten(params)
+        offsets, out = {"decay": 0, "rest": 0}, []
+        for x, f in zip(leaves, jax.tree.leaves(decay_mask(params))):
+            name = "decay" if f else "rest"
+            start = offsets[name]
+            out.append(groups[name][start:start + x.size].reshape(x.shape).astype(x.dtype))
+            offsets[name] = start + x.size
+        return jax.tree.unflatten(treedef, out)
+
+    def init(params):
+        return inner.init(grouped(params, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("flat_by_decay needs the parameters in update (their structure and decay mask)")
+        new, state = inner.update(grouped(updates, params), state, grouped(params, params))
+        return ungrouped(new, params), state
+
+    return optax.GradientTransformation(init, update)

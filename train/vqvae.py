@@ -96,6 +96,11 @@ class VQTrainConfig:
     overwrite: bool = param(False, "start afresh even if run_dir holds a run or a finished tokenizer")
     steps: int = param(2000, "training steps")
     batch_size: int = param(32, "global batch (pictures per step), divisible by the device count")
+    grad_sum: Literal["auto", "flat", "xla"] = param(
+        "auto", "how gradients are summed over the devices: 'flat' (each device sums its rows, then one all-reduce of "
+        "one vector), 'xla' (XLA's all-reduce, one operand per array) or 'auto' ('flat' on CPU devices when the "
+        "quantizer keeps no batch statistics)"
+    )
     recon_loss: Literal["l1", "l2", "l1+l2"] = param("l2", "pixel reconstruction loss on the [-1, 1] scale")
     quantize_warmup_steps: int = param(
         0, "decode continuous latents for this many steps, then blend in the quantized ones over as many more "
@@ -352,10 +357,12 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
     schedule_steps = cfg.steps if cfg.optim.decay_steps <= 0 else 0
     progs = _programs(
         cfg.model, cfg.optim, schedule_steps, cfg.recon_loss, cfg.codebook_weight, extra_fn, cfg.extra_loss_weight,
-        cfg.quantize_warmup_steps, cfg.seed, tuple(jax.devices()),
+        cfg.quantize_warmup_steps, cfg.seed, tuple(jax.devices()), cfg.grad_sum,
     )
     state = progs.init()
     schedule_lr = progs.schedule
+    if progs.flat_sum:
+        log.info("gradients summed per device, then in one all-reduce over %d devices", jax.device_count())
 
     def save_preview(step: int) -> None:
         (run_dir / "samples").mkdir(exist_ok=True)
@@ -450,11 +457,12 @@ class _Programs:
     reconstruct: Any  # (params, buffers, images_u8) -> uint8 reconstructions
     schedule: Any
     batch_sharding: Any
+    flat_sum: bool  # each device sums its rows' gradients; one all-reduce adds them up
 
 
 @functools.lru_cache(maxsize=4)
 def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: str, codebook_weight: float,
-              extra_fn, extra_weight: float, warmup: int, seed: int, devices: tuple) -> _Programs:
+              extra_fn, extra_weight: float, warmup: int, seed: int, devices: tuple, grad_sum: str = "auto") -> _Programs:
     """The jitted init / train step / preview of one configuration (cached: a process that trains the
     same configuration again, e.g. when resuming, compiles once)."""
     import jax
@@ -463,6 +471,7 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
     from flax import nnx
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+    from chameleon_jax import data_parallel
     from train.optim import make_optimizer, make_schedule
     from vqvae import losses
     from vqvae import tokenizer as tokenizer_lib
@@ -472,7 +481,7 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
     replicated = NamedSharding(mesh, P())
     batch_sharding = NamedSharding(mesh, P("data"))
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: VQModel(model_cfg, rngs=nnx.Rngs(seed))))
-    tx = make_optimizer(optim, steps)
+    tx = make_optimizer(optim, steps, flat=True)  # the whole state is replicated (see make_optimizer)
     k, beta = model_cfg.codebook_size, model_cfg.beta
 
     def init_state():
@@ -486,23 +495,41 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
             "step": jnp.zeros((), jnp.int32),
         }
 
-    def train_step(state, images_u8, key):
+    def quantize_mix(step):
+        """0 while latents are decoded unquantized, then rising to 1 over `warmup` steps."""
+        return jnp.clip((step.astype(jnp.float32) - warmup) / warmup, 0.0, 1.0) if warmup > 0 else 1.0
+
+    def grad_sums(replicated, images_u8):
+        """Gradients and loss terms of a batch, scaled to add up to the global batch's means over `shards`."""
+        params, buffers, step, key = replicated
         x = pixels_from_uint8(images_u8)
-        if warmup > 0:
-            mix = jnp.clip((state["step"].astype(jnp.float32) - warmup) / warmup, 0.0, 1.0)
-        else:
-            mix = 1.0
+        mix = quantize_mix(step)
 
         def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["buffers"], copy=True)
+            model = nnx.merge(graphdef, params, buffers, copy=True)
             recon, q = model(x, train=True, key=key, quantize_mix=mix)
             loss, terms = losses.vq_loss(
                 x, recon, q, recon_kind=recon_kind, beta=beta, codebook_weight=codebook_weight,
-                extra=extra_fn, extra_weight=extra_weight, step=state["step"],
+                extra=extra_fn, extra_weight=extra_weight, step=step,
             )
-            return loss, (terms, q.codes, nnx.state(model, nnx.Not(nnx.Param)))
+            return loss / shards, (terms, q.codes, nnx.state(model, nnx.Not(nnx.Param)))
 
-        (_, (terms, codes, buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        (_, (terms, codes, buffers)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        sums = {"grads": grads, "terms": {name: v / shards for name, v in terms.items()},
+                "counts": losses.code_counts(codes, k)}
+        return sums, buffers
+
+    # Without buffers (fsq, plain vq) the step is purely data parallel: on CPU devices each one sums its
+    # rows' gradients and one all-reduce adds them up (chameleon_jax.data_parallel). The EMA quantizer's
+    # buffers are updated from the whole batch's codes, so XLA partitions that step as one program.
+    abstract = jax.eval_shape(init_state)
+    shards = len(devices) if not jax.tree.leaves(abstract["buffers"]) and data_parallel.use_flat_sum(
+        grad_sum, mesh, jax.tree.map(lambda _: replicated, abstract), batch_sharding.spec) else 1
+    step_sums = data_parallel.shard_sums(grad_sums, mesh, batch_sharding.spec) if shards > 1 else grad_sums
+
+    def train_step(state, images_u8, key):
+        sums, buffers = step_sums((state["params"], state["buffers"], state["step"], key), images_u8)
+        grads = sums["grads"]
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "params": optax.apply_updates(state["params"], updates),
@@ -510,7 +537,8 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
             "opt_state": opt_state,
             "step": state["step"] + 1,
         }
-        metrics = {**terms, **losses.code_statistics(codes, k), "grad_norm": optax.tree.norm(grads), "quantize_mix": mix}
+        metrics = {**sums["terms"], **losses.count_statistics(sums["counts"]), "grad_norm": optax.tree.norm(grads),
+                   "quantize_mix": quantize_mix(state["step"])}
         return new_state, metrics
 
     def reconstruct(params, buffers, images_u8):
@@ -529,6 +557,7 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
         reconstruct=reconstruct,
         schedule=make_schedule(optim, steps),
         batch_sharding=batch_sharding,
+        flat_sum=shards > 1,
     )
 
 

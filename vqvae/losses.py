@@ -66,9 +66,18 @@ def vq_loss(
     return total, {"loss": total, **terms}
 
 
-def code_statistics(codes, codebook_size: int) -> dict[str, jax.Array]:
-    """Fraction of the codebook used by `codes` and the perplexity exp(H) of their distribution."""
-    counts = jnp.zeros((codebook_size,), jnp.float32).at[codes.reshape(-1)].add(1.0)
+def code_counts(codes, codebook_size: int) -> jax.Array:
+    """How often each code occurs in `codes` ([codebook_size] floats; additive over batches)."""
+    return jnp.zeros((codebook_size,), jnp.float32).at[codes.reshape(-1)].add(1.0)
+
+
+def count_statistics(counts) -> dict[str, jax.Array]:
+    """Fraction of the codebook used and the perplexity exp(H) of the code distribution in `counts`."""
     p = counts / jnp.maximum(counts.sum(), 1.0)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return {"usage": jnp.mean(counts > 0), "perplexity": jnp.exp(entropy)}
+
+
+def code_statistics(codes, codebook_size: int) -> dict[str, jax.Array]:
+    """`count_statistics` of the codes in `codes`."""
+    return count_statistics(code_counts(codes, codebook_size))

@@ -39,6 +39,9 @@ class LMDataConfig:
     shards: str = param("", "source=shards: shard folder(s) of train.tokenize; several mixed by weight as DIR:W,DIR:W")
     eval_shards: str = param("", "source=shards: shard folder(s) for the validation loss; empty = no evaluation")
     workers: int = param(0, "grain worker processes building batches; 0 = in the training process")
+    read_threads: int = param(
+        0, "threads reading and decoding shard records ahead of the packer; 0 = read where the batches are built "
+           "(fastest from local disk, where a thread's hand-off costs more than the read); raise for remote storage")
     image_size: int = param(0, "Shapes image side in pixels; 0 = the image tokenizer's own (64 for the stand-in)")
     train_split: str = param("train", "Shapes split to train on")
     eval_split: str = param("validation", "Shapes split for the validation loss; empty = no evaluation")

@@ -17,9 +17,11 @@ def test_best_fit_blocks_pad_less_than_greedy_rows_and_every_figure_is_a_share(t
                                              "out_dir": str(tmp_path / "tok"), "progress": False,
                                              "text_vocab_size": 64}))
     cfg = packing.BenchPackingConfig(shards=str(tmp_path / "tok"), seq_len=32, rows=4, pack_docs="1,64",
-                                     grain_bins="8", batches=20)
+                                     grain_bins="8", batches=20, read_threads="0,2")
     out = packing.bench(cfg)
-    assert set(out) == {"pack_docs=1", "pack_docs=64", "grain BestFitPackIterDataset bins=8",
+    assert set(out) == {"pack_docs=1", "pack_docs=64", "pack_docs=1 read_threads=2", "grain BestFitPackIterDataset bins=8",
                         "grain FirstFitPackIterDataset bins=8"}
+    # Read-ahead threads hand out the same documents: the same rows, so the same padding.
+    assert out["pack_docs=1 read_threads=2"]["padding"] == out["pack_docs=1"]["padding"]
     assert all(0.0 <= r["padding"] < 1.0 for r in out.values())
     assert out["pack_docs=64"]["padding"] < out["pack_docs=1"]["padding"]

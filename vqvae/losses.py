@@ -76,8 +76,3 @@ def count_statistics(counts) -> dict[str, jax.Array]:
     p = counts / jnp.maximum(counts.sum(), 1.0)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return {"usage": jnp.mean(counts > 0), "perplexity": jnp.exp(entropy)}
-
-
-def code_statistics(codes, codebook_size: int) -> dict[str, jax.Array]:
-    """`count_statistics` of the codes in `codes`."""
-    return count_statistics(code_counts(codes, codebook_size))

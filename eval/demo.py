@@ -223,7 +223,6 @@ def run(cfg: DemoConfig) -> Path:
 
     if cfg.cpu_devices and not jax_started():
         set_cpu_devices(cfg.cpu_devices)
-
     import jax
 
     backend = jax.default_backend()

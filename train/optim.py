@@ -91,8 +91,7 @@ def flat_by_decay(inner: "optax.GradientTransformation") -> "optax.GradientTrans
     import jax.numpy as jnp
     import optax
 
-    def grouped(tree, params):
-        flags = jax.tree.leaves(decay_mask(params))
+    def grouped(tree, flags):
         leaves = jax.tree.leaves(tree)
 
         def cat(want: bool):
@@ -101,10 +100,10 @@ def flat_by_decay(inner: "optax.GradientTransformation") -> "optax.GradientTrans
 
         return {"decay": cat(True), "rest": cat(False)}
 
-    def ungrouped(groups, params):
+    def ungrouped(groups, params, flags):
         leaves, treedef = jax.tree.flatten(params)
         offsets, out = {"decay": 0, "rest": 0}, []
-        for x, f in zip(leaves, jax.tree.leaves(decay_mask(params))):
+        for x, f in zip(leaves, flags):
             name = "decay" if f else "rest"
             start = offsets[name]
             out.append(groups[name][start:start + x.size].reshape(x.shape).astype(x.dtype))
@@ -112,12 +111,13 @@ def flat_by_decay(inner: "optax.GradientTransformation") -> "optax.GradientTrans
         return jax.tree.unflatten(treedef, out)
 
     def init(params):
-        return inner.init(grouped(params, params))
+        return inner.init(grouped(params, jax.tree.leaves(decay_mask(params))))
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError("flat_by_decay needs the parameters in update (their structure and decay mask)")
-        new, state = inner.update(grouped(updates, params), state, grouped(params, params))
-        return ungrouped(new, params), state
+        flags = jax.tree.leaves(decay_mask(params))
+        new, state = inner.update(grouped(updates, flags), state, grouped(params, flags))
+        return ungrouped(new, params, flags), state
 
     return optax.GradientTransformation(init, update)

@@ -524,7 +524,7 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
     # buffers are updated from the whole batch's codes, so XLA partitions that step as one program.
     abstract = jax.eval_shape(init_state)
     shards = len(devices) if not jax.tree.leaves(abstract["buffers"]) and data_parallel.use_flat_sum(
-        grad_sum, mesh, jax.tree.map(lambda _: replicated, abstract), batch_sharding.spec) else 1
+        grad_sum, mesh, replicated, batch_sharding.spec) else 1
     step_sums = data_parallel.shard_sums(grad_sums, mesh, batch_sharding.spec) if shards > 1 else grad_sums
 
     def train_step(state, images_u8, key):

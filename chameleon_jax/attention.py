@@ -30,7 +30,7 @@ from chameleon_jax.kernels import (  # noqa: F401  (the kernels' names, as this 
 )
 from chameleon_jax.kernels.decode import MAX_CACHED_QUERIES
 from chameleon_jax.kv_cache import CACHE_AXES, read_layer, write_layer
-from chameleon_jax.layers import QKNorm, apply_rope, dense, dtype_of, make_param, normal
+from chameleon_jax.layers import QKNorm, apply_rope, dense, dtype_of, make_param, matmul_dtype_of, normal
 from chameleon_jax.sharding import constrain
 
 
@@ -66,6 +66,7 @@ class Attention(nnx.Module):
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         init = normal(cfg.initializer_range)
         self.dtype = dtype
+        self.matmul_dtype = matmul_dtype_of(cfg)
         self.rope_theta = cfg.rope_theta
         self.implementation = cfg.attention_impl
         self.wq_dnh = make_param(rngs, init, (d, n, h), ("embed", "heads", "head_dim"), pdtype)
@@ -82,9 +83,9 @@ class Attention(nnx.Module):
     def project(self, x_btd: jax.Array, positions_bt: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """q [B,T,N,H], k and v [B,T,K,H]; q and k normalised, then rotated."""
         dt = self.dtype
-        q_btnh = dense(x_btd, self.wq_dnh[...].astype(dt))
-        k_btkh = dense(x_btd, self.wk_dkh[...].astype(dt))
-        v_btkh = dense(x_btd, self.wv_dkh[...].astype(dt))
+        q_btnh = dense(x_btd, self.wq_dnh[...].astype(dt), operand_dtype=self.matmul_dtype)
+        k_btkh = dense(x_btd, self.wk_dkh[...].astype(dt), operand_dtype=self.matmul_dtype)
+        v_btkh = dense(x_btd, self.wv_dkh[...].astype(dt), operand_dtype=self.matmul_dtype)
         if self.q_norm is not None:
             q_btnh = self.q_norm(q_btnh)
             k_btkh = self.k_norm(k_btkh)
@@ -138,5 +139,5 @@ class Attention(nnx.Module):
         # pick a (head_dim, heads) order and transpose the whole weight on every call.
         b, t, n, h = out_btnh.shape
         wo_ed = self.wo_nhd[...].astype(self.dtype).reshape(n * h, -1)
-        y_btd = dense(out_btnh.reshape(b, t, n * h), wo_ed)
+        y_btd = dense(out_btnh.reshape(b, t, n * h), wo_ed, operand_dtype=self.matmul_dtype)
         return y_btd, cache

@@ -63,12 +63,13 @@ class CodeDigitEmbed(nnx.Module):
     """
 
     def __init__(self, levels: Sequence[int], offset: int, vocab_size: int, dim: int, *, init_std: float, dtype,
-                 param_dtype, rngs: nnx.Rngs, own_logits: bool = True):
+                 param_dtype, rngs: nnx.Rngs, own_logits: bool = True, matmul_dtype=None):
         self.levels = tuple(int(n) for n in levels)
         self.offset = int(offset)
         self.vocab_size = int(vocab_size)
         self.own_logits = bool(own_logits)
         self.dtype = dtype
+        self.matmul_dtype = matmul_dtype
         digit_matrix(self.levels, self.offset, self.vocab_size)  # checks the block fits the vocabulary
         width = sum(self.levels)
         self.input_ld = make_param(rngs, normal(init_std), (width, dim), ("code_digits", "embed"), param_dtype)
@@ -81,11 +82,13 @@ class CodeDigitEmbed(nnx.Module):
     def embed(self, tokens_bt: jax.Array) -> jax.Array:
         """[B, T, embed]: the sum of each image code's digit rows; zero for every other id."""
         onehot_btl = jnp.take(self._matrix(), tokens_bt, axis=0)
-        return dense(onehot_btl.astype(self.dtype), self.input_ld[...].astype(self.dtype))
+        return dense(onehot_btl.astype(self.dtype), self.input_ld[...].astype(self.dtype),
+                     operand_dtype=self.matmul_dtype)
 
     def logits(self, x_btd: jax.Array) -> jax.Array:
         """float32 [B, T, vocab]: each image code's digit terms x . w_j[d_j(code)]; zero for other ids."""
-        per_digit_btl = dense(x_btd.astype(self.dtype), self.output_dl[...].astype(self.dtype), jnp.float32)
+        per_digit_btl = dense(x_btd.astype(self.dtype), self.output_dl[...].astype(self.dtype), jnp.float32,
+                              self.matmul_dtype)
         return per_digit_btl @ self._matrix().T
 
     def add_to(self, head_logits_btv: jax.Array, x_btd: jax.Array) -> jax.Array:

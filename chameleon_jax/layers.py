@@ -23,6 +23,11 @@ from chameleon_jax.sharding import constrain
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
+def matmul_dtype_of(cfg: ModelConfig) -> jnp.dtype | None:
+    """The projections' operand dtype (see `dense`); None = the compute dtype they are cast to."""
+    return dtype_of(cfg.matmul_dtype) if cfg.matmul_dtype else None
+
+
 def dtype_of(name: str) -> jnp.dtype:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
@@ -44,7 +49,7 @@ def make_param(
 DENSE_NAME = "dense_out"  # the checkpoint name of every projection's output (see transformer.remat_policy)
 
 
-def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, out_dtype=None, operand_dtype=None) -> jax.Array:
     """x [..., D] contracted with w [D, *out]: [..., *out] (a projection with no bias).
 
     The same product as `jnp.einsum("...d,d...->...", x, w)`, with its own backward
@@ -54,35 +59,56 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     for the [tokens, vocab] logits gradient and the [tokens, ffn] SwiGLU ones that
     is the wide side. Here the narrower of x and dy goes on the left (x^T dy, or
     (dy^T x)^T with a small transpose of the result). On the `small` preset this
-    takes about a tenth off a CPU training step. out_dtype is the matmul's result
-    type (float32 logits from bfloat16 inputs).
+    takes about a tenth off a CPU training step.
+
+    operand_dtype: the dtype x, w (and in the backward pass dy) are rounded to for the
+    products; None = as they come. Operands narrower than float32 accumulate in
+    float32: XLA's CPU backend runs bf16 x bf16 -> f32 on its fast (AMX) path and
+    bf16 x bf16 -> bf16 on a slow one, and TPUs and GPUs accumulate so anyway. The
+    result has out_dtype (float32 logits from bfloat16 inputs), else x's dtype; dx
+    and dw have x's and w's dtypes.
     """
-    y = _dense(x, w, None if out_dtype is None else jnp.dtype(out_dtype))
+    dtypes = tuple(jnp.dtype(d) if d is not None else None for d in (out_dtype or x.dtype, operand_dtype))
+    y = _dense(x, w, dtypes + (jnp.dtype(x.dtype), jnp.dtype(w.dtype)))
     # Remat policies look for dot_general, which the custom rule hides: name it instead.
     return checkpoint_name(y, DENSE_NAME)
 
 
+def _dot(a, b, dims, out_dtype):
+    """dot_general in float32 accumulation when an operand is narrower, cast to out_dtype."""
+    narrow = any(jnp.dtype(v.dtype).itemsize < 4 for v in (a, b))
+    y = jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32 if narrow else None)
+    return y.astype(out_dtype)
+
+
+def _round(v, dtype):
+    return v if dtype is None else v.astype(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense(x, w, out_dtype):
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+def _dense(x, w, dtypes):
+    out_dtype, op_dtype, _, _ = dtypes
+    return _dot(_round(x, op_dtype), _round(w, op_dtype), (((x.ndim - 1,), (0,)), ((), ())), out_dtype)
 
 
-def _dense_fwd(x, w, out_dtype):
-    return _dense(x, w, out_dtype), (x, w)
+def _dense_fwd(x, w, dtypes):
+    op_dtype = dtypes[1]
+    x, w = _round(x, op_dtype), _round(w, op_dtype)  # kept rounded: narrower residuals
+    return _dot(x, w, (((x.ndim - 1,), (0,)), ((), ())), dtypes[0]), (x, w)
 
 
-def _dense_bwd(out_dtype, residuals, dy):
+def _dense_bwd(dtypes, residuals, dy):
+    _, op_dtype, x_dtype, w_dtype = dtypes
     x, w = residuals
+    dy = _round(dy, op_dtype)
     out_axes = tuple(range(x.ndim - 1, dy.ndim))
-    dx = jax.lax.dot_general(dy, w, ((out_axes, tuple(range(1, w.ndim))), ((), ())),
-                             preferred_element_type=out_dtype)
+    dx = _dot(dy, w, ((out_axes, tuple(range(1, w.ndim))), ((), ())), x_dtype)
     lead = tuple(range(x.ndim - 1))
     if x.shape[-1] <= w.size // w.shape[0]:
-        dw = jax.lax.dot_general(x, dy, ((lead, lead), ((), ())), preferred_element_type=out_dtype)
+        dw = _dot(x, dy, ((lead, lead), ((), ())), w_dtype)
     else:  # dy is the narrower one: form dw^T = dy^T x and transpose the (small) result
-        dw_t = jax.lax.dot_general(dy, x, ((lead, lead), ((), ())), preferred_element_type=out_dtype)
-        dw = jnp.moveaxis(dw_t, -1, 0)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+        dw = jnp.moveaxis(_dot(dy, x, ((lead, lead), ((), ())), w_dtype), -1, 0)
+    return dx, dw
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
@@ -161,12 +187,14 @@ class Embed(nnx.Module):
 class Unembed(nnx.Module):
     """Output projection [embed, vocab] (untied from the embedding); logits in float32."""
 
-    def __init__(self, dim: int, vocab_size: int, *, init_std: float, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, vocab_size: int, *, init_std: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 matmul_dtype=None):
         self.dtype = dtype
+        self.matmul_dtype = matmul_dtype
         self.w_dv = make_param(rngs, normal(init_std), (dim, vocab_size), ("embed", "vocab"), param_dtype)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        logits_btv = dense(x_btd.astype(self.dtype), self.w_dv[...].astype(self.dtype), jnp.float32)
+        logits_btv = dense(x_btd.astype(self.dtype), self.w_dv[...].astype(self.dtype), jnp.float32, self.matmul_dtype)
         return constrain(logits_btv, ("activation_batch", "activation_length", "activation_vocab"))
 
 
@@ -178,18 +206,19 @@ class SwiGLU(nnx.Module):
         dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         init = normal(cfg.initializer_range)
         self.dtype = dtype
+        self.matmul_dtype = matmul_dtype_of(cfg)
         self.w1_df = make_param(rngs, init, (d, f), ("embed", "mlp"), pdtype)
         self.w3_df = make_param(rngs, init, (d, f), ("embed", "mlp"), pdtype)
         self.w2_fd = make_param(rngs, init, (f, d), ("mlp", "embed"), pdtype)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate_btf = dense(x_btd, self.w1_df[...].astype(dt))
-        up_btf = dense(x_btd, self.w3_df[...].astype(dt))
+        gate_btf = dense(x_btd, self.w1_df[...].astype(dt), operand_dtype=self.matmul_dtype)
+        up_btf = dense(x_btd, self.w3_df[...].astype(dt), operand_dtype=self.matmul_dtype)
         h_btf = jax.nn.silu(gate_btf) * up_btf
         h_btf = constrain(h_btf, ("activation_batch", "activation_length", "activation_mlp"))
         h_btf = checkpoint_name(h_btf, "mlp_hidden")
-        return dense(h_btf, self.w2_fd[...].astype(dt))
+        return dense(h_btf, self.w2_fd[...].astype(dt), operand_dtype=self.matmul_dtype)
 
 
 def rope_frequencies(head_dim: int, theta: float) -> jax.Array:

@@ -28,7 +28,7 @@ from chameleon_jax.code_digits import CodeDigitEmbed
 from chameleon_jax.config import ModelConfig
 from chameleon_jax.image_positions import ImagePositionEmbed, image_index
 from chameleon_jax.kv_cache import CACHE_AXES, STACKED_CACHE_AXES, KVCache
-from chameleon_jax.layers import DENSE_NAME, Embed, RMSNorm, SwiGLU, Unembed, dtype_of
+from chameleon_jax.layers import DENSE_NAME, Embed, RMSNorm, SwiGLU, Unembed, dtype_of, matmul_dtype_of
 from chameleon_jax.sharding import constrain, create_sharded
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -140,7 +140,7 @@ def _code_digit_embed(cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> C
                          "image tokenizer and the vocabulary")
     return CodeDigitEmbed(cfg.image_code_digits, cfg.image_code_offset, cfg.vocab_size, cfg.hidden_dim,
                           init_std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                          own_logits=cfg.image_code_own_logits)
+                          own_logits=cfg.image_code_own_logits, matmul_dtype=matmul_dtype_of(cfg))
 
 
 class Transformer(nnx.Module):
@@ -159,7 +159,7 @@ class Transformer(nnx.Module):
             self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_dim, eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.lm_head = Unembed(cfg.hidden_dim, cfg.vocab_size, init_std=cfg.initializer_range, dtype=dtype,
-                               param_dtype=pdtype, rngs=rngs)
+                               param_dtype=pdtype, rngs=rngs, matmul_dtype=matmul_dtype_of(cfg))
         # Dropout draws from the model's own stream, so `model(x, deterministic=False)` needs no key argument.
         try:
             stream = rngs.dropout  # the "dropout" stream, else "default"

@@ -76,3 +76,43 @@ def test_dense_output_is_named_for_remat_policies():
     nothing = _saved(jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable), x, w)
     assert DENSE_NAME in saved
     assert DENSE_NAME not in nothing
+
+
+@pytest.mark.parametrize("d,w_shape", SHAPES)
+def test_dense_bfloat16_operands_round_the_products_and_keep_float32_values_and_gradients(d, w_shape):
+    kx, kw, kg = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(kx, (2, 5, d), jnp.float32)
+    w = jax.random.normal(kw, w_shape, jnp.float32)
+    g = jax.random.normal(kg, (2, 5, *w_shape[1:]), jnp.float32)
+    bf = jnp.bfloat16
+
+    def ours(x, w):
+        return jnp.sum(dense(x, w, operand_dtype=bf) * g)
+
+    def ref(x, w):  # the same products with the rounding written out: y = x~ w~, dx = dy~ w~^T, dw = x~^T dy~
+        y = _reference(x.astype(bf), w.astype(bf), jnp.float32)
+        return jnp.sum(y * g)
+
+    (v1, (dx1, dw1)) = jax.value_and_grad(ours, argnums=(0, 1))(x, w)
+    v2 = ref(x, w)
+    g_bf = g.astype(bf).astype(jnp.float32)  # the backward pass rounds dy too
+    dx2 = jnp.einsum("bt...,d...->btd", g_bf, w.astype(bf).astype(jnp.float32))
+    dw2 = jnp.einsum("btd,bt...->d...", x.astype(bf).astype(jnp.float32), g_bf)
+    assert dx1.dtype == jnp.float32 and dw1.dtype == jnp.float32
+    np.testing.assert_allclose(float(v1), float(v2), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx1), np.asarray(dx2), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw1), np.asarray(dw2), rtol=1e-5, atol=1e-5)
+    # and the rounding is real: float32 operands give another value
+    assert abs(float(v1) - float(jnp.sum(_reference(x, w) * g))) > 1e-4
+
+
+def test_dense_bfloat16_operands_lower_to_bfloat16_dots_with_float32_results():
+    x = jnp.ones((2, 4, 8), jnp.float32)
+    w = jnp.ones((8, 16), jnp.float32)
+    loss = lambda x, w: jnp.sum(jnp.sin(dense(x, w, operand_dtype=jnp.bfloat16)))  # noqa: E731
+    hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line]
+    assert len(dots) == 3  # the product and its two gradients
+    for line in dots:
+        operands, result = line.rsplit(" : ", 1)[1].split(" -> ")
+        assert operands.count("xbf16>") == 2 and result.endswith("xf32>"), line

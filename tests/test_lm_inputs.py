@@ -160,28 +160,3 @@ def test_shapes_image_size_follows_the_tokenizer_and_names_a_mismatch():
     assert shapes_image_size(LMDataConfig(), ColourGridTokenizer(), "") == 64
     with pytest.raises(ValueError, match=r"data.image_size=64 .* runs/vq reads 32 px"):
         shapes_image_size(LMDataConfig(image_size=64), tok32, "runs/vq")
-
-
-def test_mixture_reads_examples_in_blocks_and_draws_the_same_documents(monkeypatch):
-    from chameleon_jax.data.shapes import mixture as mixture_mod
-    from chameleon_jax.data.shapes.mixture import ShapesMixture
-
-    def mix():
-        return ShapesMixture("train", 32, {"caption": 1, "t2i": 1, "vqa": 1}, examples=300, backend="generate")
-
-    blocked = mix()
-    calls = []
-    read_many = blocked.examples.__getitems__
-    monkeypatch.setattr(blocked.examples, "__getitems__", lambda idx: calls.append(list(idx)) or read_many(idx))
-    docs = [blocked.document(i) for i in range(200)]
-    assert calls and all(len(c) <= mixture_mod.READ_BLOCK for c in calls)
-    read = [j for c in calls for j in c]
-    assert len(read) == len(set(read))  # no example is read twice
-    assert set(read) == set(blocked._read)
-
-    monkeypatch.setattr(mixture_mod, "READ_BLOCK", 1)  # one example a read, as a plain lookup
-    single = mix()
-    for i, doc in enumerate(docs):
-        other = single.document(i)
-        assert [s.text for s in doc.segments] == [s.text for s in other.segments]
-        assert all((a == b).all() for a, b in zip(doc.images, other.images))

@@ -18,7 +18,6 @@ import numpy as np
 from chameleon_jax.data.documents import Document
 
 TASKS = ("caption", "t2i", "vqa", "interleaved")
-READ_BLOCK = 256  # examples read together on a miss (see ShapesMixture._read_block)
 
 
 def one_object_keep(share: float) -> float:
@@ -103,21 +102,10 @@ class ShapesMixture:
             i = int(rng.integers(len(self.examples)))
             example = self._read.get(i)
             if example is None:
-                example = self._read_block(i)
+                example = self._read[i] = self.examples[i]
             # keep >= 1 draws nothing more from rng, so the stream is the same as without the share.
             if keep >= 1.0 or example["num_objects"] > 1 or rng.random() < keep:
                 return example
-
-    def _read_block(self, index: int) -> dict:
-        """Reads the block of READ_BLOCK examples holding `index` into the kept examples; returns example `index`.
-
-        A TFDS split reads a block in one call 2.5 times faster per example than one by one (the
-        array_record reader's per-call cost), and a uniform draw soon needs every block anyway."""
-        start = index - index % READ_BLOCK
-        wanted = [j for j in range(start, min(start + READ_BLOCK, len(self.examples))) if j not in self._read]
-        for j, example in zip(wanted, self.examples.__getitems__(wanted)):
-            self._read[j] = example
-        return self._read[index]
 
     def images(self) -> list[np.ndarray]:
         """Every image the stream can show (the split's pictures and the interleaved ones)."""

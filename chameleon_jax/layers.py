@@ -87,14 +87,14 @@ def _round(v, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _dense(x, w, dtypes):
-    out_dtype, op_dtype, _, _ = dtypes
-    return _dot(_round(x, op_dtype), _round(w, op_dtype), (((x.ndim - 1,), (0,)), ((), ())), out_dtype)
+    return _dense_fwd(x, w, dtypes)[0]
 
 
 def _dense_fwd(x, w, dtypes):
-    op_dtype = dtypes[1]
-    x, w = _round(x, op_dtype), _round(w, op_dtype)  # kept rounded: narrower residuals
-    return _dot(x, w, (((x.ndim - 1,), (0,)), ((), ())), dtypes[0]), (x, w)
+    """dtypes: (result, operands or None, x's, w's). The residuals are the rounded operands."""
+    out_dtype, op_dtype = dtypes[:2]
+    x, w = _round(x, op_dtype), _round(w, op_dtype)
+    return _dot(x, w, (((x.ndim - 1,), (0,)), ((), ())), out_dtype), (x, w)
 
 
 def _dense_bwd(dtypes, residuals, dy):

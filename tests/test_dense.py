@@ -23,12 +23,16 @@ def _reference(x, w, out_dtype=None):
 SHAPES = [(8, (8, 24)), (24, (24, 8)), (16, (16, 4, 6)), (12, (12, 12))]
 
 
+def _inputs(seed, d, w_shape):
+    """x [2, 5, d], w of w_shape and an output cotangent g, all float32 normals."""
+    kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(kx, (2, 5, d), jnp.float32), jax.random.normal(kw, w_shape, jnp.float32),
+            jax.random.normal(kg, (2, 5, *w_shape[1:]), jnp.float32))
+
+
 @pytest.mark.parametrize("d,w_shape", SHAPES)
 def test_dense_value_and_gradients_match_einsum_autodiff(d, w_shape):
-    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (2, 5, d), jnp.float32)
-    w = jax.random.normal(kw, w_shape, jnp.float32)
-    g = jax.random.normal(kg, (2, 5, *w_shape[1:]), jnp.float32)
+    x, w, g = _inputs(0, d, w_shape)
 
     def loss(fn):
         return lambda x, w: jnp.sum(fn(x, w) * g)
@@ -80,10 +84,7 @@ def test_dense_output_is_named_for_remat_policies():
 
 @pytest.mark.parametrize("d,w_shape", SHAPES)
 def test_dense_bfloat16_operands_round_the_products_and_keep_float32_values_and_gradients(d, w_shape):
-    kx, kw, kg = jax.random.split(jax.random.key(2), 3)
-    x = jax.random.normal(kx, (2, 5, d), jnp.float32)
-    w = jax.random.normal(kw, w_shape, jnp.float32)
-    g = jax.random.normal(kg, (2, 5, *w_shape[1:]), jnp.float32)
+    x, w, g = _inputs(2, d, w_shape)
     bf = jnp.bfloat16
 
     def ours(x, w):

@@ -24,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from chameleon_jax import configlib
 from chameleon_jax.configlib import param
+from eval.bench import json_main
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,16 +144,8 @@ def bench(cfg: BenchDataConfig) -> dict:
     return result
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-
-    def go():
-        cfg = configlib.from_cli(argv, {"default": BenchDataConfig}, "default")
-        r = bench(cfg)
-        if cfg.out:
-            Path(cfg.out).write_text(json.dumps(r, indent=1) + "\n")
-
-    configlib.main_guard(go)
+def main(argv: list[str] | None = None) -> None:
+    json_main(argv, {"default": BenchDataConfig}, "default", bench)
 
 
 if __name__ == "__main__":

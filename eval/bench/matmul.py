@@ -14,13 +14,11 @@ float32, while bf16 -> bf16 is slower than float32: the first row says whether
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 import time
-from pathlib import Path
 
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
+from eval.bench import json_main
 
 # (name, operand dtype, result dtype)
 KINDS = (("f32", "float32", "float32"), ("bf16->f32", "bfloat16", "float32"), ("bf16->bf16", "bfloat16", "bfloat16"))
@@ -87,15 +85,7 @@ def bench(cfg: BenchMatmulConfig) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-
-    def go():
-        cfg = configlib.from_cli(argv, {"default": BenchMatmulConfig}, "default")
-        result = bench(cfg)
-        if cfg.out:
-            Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
-
-    configlib.main_guard(go)
+    json_main(argv, {"default": BenchMatmulConfig}, "default", bench)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ those emit all their open rows whenever a document fits none of them.
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 
 from chameleon_jax import configlib
 from chameleon_jax.configlib import param
+from eval.bench import json_main
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +94,7 @@ def bench(cfg: BenchPackingConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-
-    def go():
-        cfg = configlib.from_cli(argv, {"default": BenchPackingConfig}, "default")
-        result = bench(cfg)
-        if cfg.out:
-            Path(cfg.out).write_text(json.dumps(result, indent=2) + "\n")
-
-    configlib.main_guard(go)
+    json_main(argv, {"default": BenchPackingConfig}, "default", bench)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from chameleon_jax.configlib import param
+from chameleon_jax.configlib import ConfigError, param
 from eval.bench import json_main
 
 
@@ -98,7 +98,10 @@ def random_tokenizer(directory: Path) -> Path:
 
 
 def bench(cfg: BenchDataConfig) -> dict:
-    sizes = [int(s) for s in cfg.sizes.split(",") if s.strip()]
+    try:
+        sizes = [int(s) for s in cfg.sizes.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"sizes={cfg.sizes!r}: give document counts as comma-separated integers") from None
     tmp = tempfile.TemporaryDirectory(prefix="bench_data_") if not cfg.work_dir else None
     work = Path(cfg.work_dir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)

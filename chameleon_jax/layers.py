@@ -68,8 +68,9 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None, operand_dtype=None) -> jax
     result has out_dtype (float32 logits from bfloat16 inputs), else x's dtype; dx
     and dw have x's and w's dtypes.
     """
-    dtypes = tuple(jnp.dtype(d) if d is not None else None for d in (out_dtype or x.dtype, operand_dtype))
-    y = _dense(x, w, dtypes + (jnp.dtype(x.dtype), jnp.dtype(w.dtype)))
+    dtypes = (jnp.dtype(out_dtype or x.dtype), None if operand_dtype is None else jnp.dtype(operand_dtype),
+              jnp.dtype(x.dtype), jnp.dtype(w.dtype))
+    y = _dense(x, w, dtypes)
     # Remat policies look for dot_general, which the custom rule hides: name it instead.
     return checkpoint_name(y, DENSE_NAME)
 

@@ -1,4 +1,4 @@
-"""The matmul benchmark: one row of positive figures per product, and clear errors for bad shapes."""
+"""The matmul benchmark: one row of positive figures per product; the benchmarks' clear errors for bad values."""
 
 import json
 
@@ -23,3 +23,13 @@ def test_every_product_gets_a_figure_per_dtype_and_the_json_matches(tmp_path, ca
 def test_bad_shapes_name_the_item(text):
     with pytest.raises(configlib.ConfigError, match="shapes"):
         matmul.parse_shapes(text)
+
+
+def test_benchmark_command_lines_stop_with_a_config_error_on_bad_values(capsys):
+    from eval.bench import data
+
+    for main, arg in ((matmul.main, "shapes=1x2"), (data.main, "sizes=ten")):
+        with pytest.raises(SystemExit) as stop:
+            main([arg])
+        assert stop.value.code == 2
+        assert arg.split("=")[0] in capsys.readouterr().err

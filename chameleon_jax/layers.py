@@ -108,7 +108,11 @@ def _dense_bwd(dtypes, residuals, dy):
     if x.shape[-1] <= w.size // w.shape[0]:
         dw = _dot(x, dy, ((lead, lead), ((), ())), w_dtype)
     else:  # dy is the narrower one: form dw^T = dy^T x and transpose the (small) result
-        dw = jnp.moveaxis(_dot(dy, x, ((lead, lead), ((), ())), w_dtype), -1, 0)
+        # The barrier keeps XLA from folding the transpose back into the product, which
+        # would contract the wide x on the left; on a CPU its bf16 x bf16 -> f32 form of
+        # that product also has no kernel.
+        dw_t = jax.lax.optimization_barrier(_dot(dy, x, ((lead, lead), ((), ())), w_dtype))
+        dw = jnp.moveaxis(dw_t, -1, 0)
     return dx, dw
 
 

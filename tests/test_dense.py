@@ -117,3 +117,23 @@ def test_dense_bfloat16_operands_lower_to_bfloat16_dots_with_float32_results():
     for line in dots:
         operands, result = line.rsplit(" : ", 1)[1].split(" -> ")
         assert operands.count("xbf16>") == 2 and result.endswith("xf32>"), line
+
+
+@pytest.mark.parametrize("d,w_shape", SHAPES)
+def test_dense_bfloat16_operands_run_jitted_inside_a_larger_program(d, w_shape):
+    """Compiled with element-wise work around it, as in a model: XLA may then rewrite the
+    weight gradient's product, and a CPU has no kernel for every bf16 x bf16 -> f32 form."""
+    x, w, g = _inputs(3, d, w_shape)
+    bf = jnp.bfloat16
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(dense(jnp.tanh(x), w, operand_dtype=bf)) * g)
+
+    def ref(x, w):
+        return jnp.sum(jnp.sin(_reference(jnp.tanh(x).astype(bf), w.astype(bf), jnp.float32)) * g)
+
+    dx1, dw1 = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
+    dx2, dw2 = jax.grad(ref, argnums=(0, 1))(x, w)
+    # the reference keeps dy in float32, so the gradients agree to dy's bf16 rounding
+    np.testing.assert_allclose(np.asarray(dx1), np.asarray(dx2), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(dw1), np.asarray(dw2), rtol=2e-2, atol=2e-2)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from chameleon_jax.layers import dense, make_param, normal
+from chameleon_jax.layers import make_param, normal
 from vqvae.quantizers import fsq_digits
 
 
@@ -55,49 +55,60 @@ def own_column_mask(levels: Sequence[int], offset: int, vocab_size: int) -> np.n
 
 
 class CodeDigitEmbed(nnx.Module):
-    """Per-digit rows added to the image codes' embeddings (`embed`) and logits (`logits`).
+    """Per-digit rows added to the image codes' rows of the embedding table
+    (`embedding_table`) and columns of the output projection (`head_weight`).
 
     With `own_logits=False` an image code's own output column is dropped: its logit is
     the sum of its digit terms alone, so the distribution over codes factorises into one
     distribution per digit and nothing the head learns belongs to a single code.
     """
 
-    def __init__(self, levels: Sequence[int], offset: int, vocab_size: int, dim: int, *, init_std: float, dtype,
-                 param_dtype, rngs: nnx.Rngs, own_logits: bool = True, matmul_dtype=None):
+    def __init__(self, levels: Sequence[int], offset: int, vocab_size: int, dim: int, *, init_std: float,
+                 param_dtype, rngs: nnx.Rngs, own_logits: bool = True):
         self.levels = tuple(int(n) for n in levels)
         self.offset = int(offset)
         self.vocab_size = int(vocab_size)
         self.own_logits = bool(own_logits)
-        self.dtype = dtype
-        self.matmul_dtype = matmul_dtype
         digit_matrix(self.levels, self.offset, self.vocab_size)  # checks the block fits the vocabulary
         width = sum(self.levels)
         self.input_ld = make_param(rngs, normal(init_std), (width, dim), ("code_digits", "embed"), param_dtype)
         self.output_dl = make_param(rngs, normal(init_std), (dim, width), ("embed", "code_digits"), param_dtype)
 
-    def _matrix(self) -> jax.Array:
-        # A trace-time constant: XLA folds the gathers and products with it.
-        return jnp.asarray(digit_matrix(self.levels, self.offset, self.vocab_size))
+    def embedding_table(self, table_vd: jax.Array) -> jax.Array:
+        """The token embedding table with each image code's digit rows added."""
+        return fold_embedding(table_vd, self.input_ld[...], self.levels, self.offset)
 
-    def embed(self, tokens_bt: jax.Array) -> jax.Array:
-        """[B, T, embed]: the sum of each image code's digit rows; zero for every other id."""
-        onehot_btl = jnp.take(self._matrix(), tokens_bt, axis=0)
-        return dense(onehot_btl.astype(self.dtype), self.input_ld[...].astype(self.dtype),
-                     operand_dtype=self.matmul_dtype)
+    def head_weight(self, w_dv: jax.Array) -> jax.Array:
+        """The output projection with each image code's digit columns added (and, without
+        own logits, the codes' own columns zeroed first; they then get no gradient)."""
+        return fold_head(w_dv, self.output_dl[...], self.levels, self.offset, self.own_logits)
 
-    def logits(self, x_btd: jax.Array) -> jax.Array:
-        """float32 [B, T, vocab]: each image code's digit terms x . w_j[d_j(code)]; zero for other ids."""
-        per_digit_btl = dense(x_btd.astype(self.dtype), self.output_dl[...].astype(self.dtype), jnp.float32,
-                              self.matmul_dtype)
-        return per_digit_btl @ self._matrix().T
 
-    def add_to(self, head_logits_btv: jax.Array, x_btd: jax.Array) -> jax.Array:
-        """The output head's logits with the digit terms added (and, without own logits,
-        the image codes' own columns zeroed first; they then get no gradient)."""
-        if not self.own_logits:
-            keep_v = jnp.asarray(own_column_mask(self.levels, self.offset, self.vocab_size))
-            head_logits_btv = head_logits_btv * keep_v.astype(head_logits_btv.dtype)
-        return head_logits_btv + self.logits(x_btd)
+# The digit terms are linear in the tables, so the model adds them to its embedding table
+# and output projection (weight-sized work, once a call) rather than to every token's
+# embedding and logits: the per-token form is two products with 24-wide operands, which
+# run far below a CPU's matmul speed, plus a pass over the [tokens, vocab] logits.
+
+
+def fold_embedding(table_vd, input_ld, levels: Sequence[int], offset: int):
+    """table [vocab, embed] + the digit rows of every image code, in float32, as table's dtype."""
+    table_vd = jnp.asarray(table_vd)
+    m_vl = jnp.asarray(digit_matrix(levels, offset, table_vd.shape[0]))
+    rows_vd = jnp.matmul(m_vl, jnp.asarray(input_ld, jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return (table_vd.astype(jnp.float32) + rows_vd).astype(table_vd.dtype)
+
+
+def fold_head(w_dv, output_dl, levels: Sequence[int], offset: int, own_logits: bool = True):
+    """w [embed, vocab] + the digit columns of every image code (with `own_logits=False`
+    the codes' own columns of w dropped first), in float32, as w's dtype."""
+    w_dv = jnp.asarray(w_dv)
+    vocab_size = w_dv.shape[1]
+    m_vl = jnp.asarray(digit_matrix(levels, offset, vocab_size))
+    w32 = w_dv.astype(jnp.float32)
+    if not own_logits:
+        w32 = w32 * jnp.asarray(own_column_mask(levels, offset, vocab_size))
+    cols_dv = jnp.matmul(jnp.asarray(output_dl, jnp.float32), m_vl.T, precision=jax.lax.Precision.HIGHEST)
+    return (w32 + cols_dv).astype(w_dv.dtype)
 
 
 def fold(levels: Sequence[int], offset: int, params: dict, own_logits: bool = True) -> dict:
@@ -111,12 +122,10 @@ def fold(levels: Sequence[int], offset: int, params: dict, own_logits: bool = Tr
     params = dict(params)
     digits = params.pop("code_digits")
     embed, head = dict(params["embed"]), dict(params["lm_head"])
-    m_vl = digit_matrix(levels, offset, np.shape(embed["embedding_vd"])[0])
-    input_ld, output_dl = np.asarray(digits["input_ld"], np.float32), np.asarray(digits["output_dl"], np.float32)
     table, w = np.asarray(embed["embedding_vd"]), np.asarray(head["w_dv"])
-    embed["embedding_vd"] = (table.astype(np.float32) + m_vl @ input_ld).astype(table.dtype)
-    if not own_logits:
-        w = w * own_column_mask(levels, offset, w.shape[1]).astype(w.dtype)
-    head["w_dv"] = (w.astype(np.float32) + output_dl @ m_vl.T).astype(w.dtype)
+    embed["embedding_vd"] = np.asarray(fold_embedding(table.astype(np.float32), digits["input_ld"], levels,
+                                                      offset)).astype(table.dtype)
+    head["w_dv"] = np.asarray(fold_head(w.astype(np.float32), digits["output_dl"], levels, offset,
+                                        own_logits)).astype(w.dtype)
     params["embed"], params["lm_head"] = embed, head
     return params

@@ -185,8 +185,10 @@ class Embed(nnx.Module):
         self.dtype = dtype
         self.embedding_vd = make_param(rngs, normal(init_std), (vocab_size, dim), ("vocab", "embed"), param_dtype)
 
-    def __call__(self, tokens_bt: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding_vd[...], tokens_bt, axis=0).astype(self.dtype)
+    def __call__(self, tokens_bt: jax.Array, table_vd: jax.Array | None = None) -> jax.Array:
+        """The tokens' rows of the table, or of `table_vd` (a table derived from it)."""
+        table_vd = self.embedding_vd[...] if table_vd is None else table_vd
+        return jnp.take(table_vd, tokens_bt, axis=0).astype(self.dtype)
 
 
 class Unembed(nnx.Module):
@@ -198,8 +200,10 @@ class Unembed(nnx.Module):
         self.matmul_dtype = matmul_dtype
         self.w_dv = make_param(rngs, normal(init_std), (dim, vocab_size), ("embed", "vocab"), param_dtype)
 
-    def __call__(self, x_btd: jax.Array) -> jax.Array:
-        logits_btv = dense(x_btd.astype(self.dtype), self.w_dv[...].astype(self.dtype), jnp.float32, self.matmul_dtype)
+    def __call__(self, x_btd: jax.Array, w_dv: jax.Array | None = None) -> jax.Array:
+        """Logits from the projection, or from `w_dv` (a weight derived from it)."""
+        w_dv = self.w_dv[...] if w_dv is None else w_dv
+        logits_btv = dense(x_btd.astype(self.dtype), w_dv.astype(self.dtype), jnp.float32, self.matmul_dtype)
         return constrain(logits_btv, ("activation_batch", "activation_length", "activation_vocab"))
 
 

@@ -130,7 +130,7 @@ def _image_position_embed(cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) 
                               param_dtype=param_dtype, rngs=rngs)
 
 
-def _code_digit_embed(cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> CodeDigitEmbed | None:
+def _code_digit_embed(cfg: ModelConfig, param_dtype, rngs: nnx.Rngs) -> CodeDigitEmbed | None:
     """The image codes' per-digit rows of `cfg.image_code_digits`, or None when it is empty."""
     if not cfg.image_code_digits:
         return None
@@ -139,8 +139,8 @@ def _code_digit_embed(cfg: ModelConfig, dtype, param_dtype, rngs: nnx.Rngs) -> C
                          f"model.image_code_offset (got {cfg.image_code_offset}); train.lm resolves (-1,) from the "
                          "image tokenizer and the vocabulary")
     return CodeDigitEmbed(cfg.image_code_digits, cfg.image_code_offset, cfg.vocab_size, cfg.hidden_dim,
-                          init_std=cfg.initializer_range, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                          own_logits=cfg.image_code_own_logits, matmul_dtype=matmul_dtype_of(cfg))
+                          init_std=cfg.initializer_range, param_dtype=param_dtype, rngs=rngs,
+                          own_logits=cfg.image_code_own_logits)
 
 
 class Transformer(nnx.Module):
@@ -152,7 +152,7 @@ class Transformer(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.hidden_dim, init_std=cfg.initializer_range, dtype=dtype,
                            param_dtype=pdtype, rngs=rngs)
         self.image_pos = _image_position_embed(cfg, dtype, pdtype, rngs)
-        self.code_digits = _code_digit_embed(cfg, dtype, pdtype, rngs)
+        self.code_digits = _code_digit_embed(cfg, pdtype, rngs)
         if cfg.scan_layers:
             self.blocks = _stacked_blocks(cfg, rngs)
         else:
@@ -233,9 +233,8 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ layers
 
     def _embed(self, tokens_bt, *, segment_ids_bt=None, image_index_bt=None):
-        x_btd = self.embed(tokens_bt)
-        if self.code_digits is not None:
-            x_btd = x_btd + self.code_digits.embed(tokens_bt)
+        table_vd = None if self.code_digits is None else self.code_digits.embedding_table(self.embed.embedding_vd[...])
+        x_btd = self.embed(tokens_bt, table_vd)
         if self.image_pos is not None:
             if image_index_bt is None:
                 image_index_bt = image_index(tokens_bt, boi_id=self.cfg.boi_id, eoi_id=self.cfg.eoi_id,
@@ -245,11 +244,8 @@ class Transformer(nnx.Module):
 
     def _logits(self, x_btd):
         h_btd = self.final_norm(x_btd)
-        logits_btv = self.lm_head(h_btd)
-        if self.code_digits is not None:
-            logits_btv = constrain(self.code_digits.add_to(logits_btv, h_btd),
-                                   ("activation_batch", "activation_length", "activation_vocab"))
-        return logits_btv
+        w_dv = None if self.code_digits is None else self.code_digits.head_weight(self.lm_head.w_dv[...])
+        return self.lm_head(h_btd, w_dv)
 
     def _blocks(self, x_btd, positions_bt, *, mask_b1ts, is_causal, deterministic, cache=None, write_index=None,
                 segment_ids_bt=None):

@@ -222,4 +222,4 @@ def load_examples(cfg: EvalConfig, split: str | None = None) -> list[dict[str, A
     from chameleon_jax.data import shapes
 
     source = shapes.load(split or cfg.split, cfg.image_size, cfg.data_dir or None, backend=cfg.shapes_backend)
-    return [source[i] for i in range(take(len(source), cfg.num_examples))]
+    return list(source.examples(0, take(len(source), cfg.num_examples)))

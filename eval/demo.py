@@ -170,7 +170,7 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
     for split in shapes.SPLITS:
         source = shapes.load(split, cfg.image_size, data_dir, shapes_sizes(cfg), backend=cfg.shapes_backend)
         n = common.take(len(source), cfg.judge_examples)
-        ok = sum(shapes.judge_matches(source[i]["image"], shapes.example_objects(source[i])) for i in range(n))
+        ok = sum(shapes.judge_matches(ex["image"], shapes.example_objects(ex)) for ex in source.examples(0, n))
         out[f"judge_accuracy_ground_truth_{split}"] = ok / n
         right, total = right + ok, total + n
         print(f"{split:>10}: {len(source)} examples; judge exact match {ok}/{n}")

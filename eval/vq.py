@@ -63,10 +63,9 @@ def _load_split(split: str, image_size: int, data_dir: str | None, limit: int, b
     n = len(source) if limit <= 0 else min(limit, len(source))
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     objects = []
-    for start in range(0, n, 1000):
-        for j, rec in enumerate(source.__getitems__(range(start, min(start + 1000, n)))):
-            images[start + j] = rec["image"]
-            objects.append(shapes.example_objects(rec))
+    for i, rec in enumerate(source.examples(0, n)):
+        images[i] = rec["image"]
+        objects.append(shapes.example_objects(rec))
     return images, objects
 
 

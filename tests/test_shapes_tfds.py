@@ -108,6 +108,42 @@ def test_load_images_reads_only_the_first_limit(built):
     np.testing.assert_array_equal(drawn, first)
 
 
+def test_examples_read_in_blocks_match_single_reads(built, monkeypatch):
+    src = shapes.load("train", data_dir=built, sizes=TINY)
+    monkeypatch.setattr(type(src), "read_block", 5)  # blocks of 5 over 24 examples: a ragged last block
+    calls = []
+    real = type(src).__getitems__
+    monkeypatch.setattr(type(src), "__getitems__", lambda self, idx: calls.append(list(idx)) or real(self, idx))
+    got = list(src.examples(3, 20))
+    assert [len(c) for c in calls] == [5, 5, 5, 2] and calls[0] == [3, 4, 5, 6, 7]
+    assert [r["index"] for r in got] == list(range(3, 20))
+    for i, rec in zip(range(3, 20), got):
+        _same_record(rec, src[i])
+    assert len(list(src.examples(20, 10**6))) == 4 and list(src.examples(30)) == []
+    assert [r["index"] for r in src] == list(range(len(src)))
+
+
+def test_mixture_on_stored_blocks_draws_the_documents_it_draws_from_generated_examples(built, monkeypatch):
+    from chameleon_jax.data.shapes import source as source_lib
+    from chameleon_jax.data.shapes.mixture import ShapesMixture
+
+    monkeypatch.setattr(source_lib.TfdsSource, "read_block", 5)
+    monkeypatch.setenv(paths.ENV_VAR, str(built))
+    weights = {"caption": 1, "t2i": 1, "vqa": 1, "interleaved": 1}
+    kw = dict(examples=TINY["train"], interleaved_docs=7, two_object_share=0.8)
+    stored = ShapesMixture("train", 64, weights, backend="tfds", **kw)
+    drawn = ShapesMixture("train", 64, weights, backend="generate", **kw)
+    assert isinstance(stored.examples, source_lib.TfdsSource)
+    for i in range(60):
+        a, b = stored.document(i), drawn.document(i)
+        assert a.task == b.task and a.meta["picture_keys"] == b.meta["picture_keys"]
+        assert [s.text for s in a.segments] == [s.text for s in b.segments]
+        assert [s.image.tobytes() for s in a.segments if s.image is not None] == \
+            [s.image.tobytes() for s in b.segments if s.image is not None]
+    blocks = [set(range(lo, min(lo + 5, TINY["train"]))) for lo in range(0, TINY["train"], 5)]
+    assert all(b <= set(stored._read) or not b & set(stored._read) for b in blocks)  # whole blocks are read
+
+
 def test_other_image_size_is_its_own_config(tmp_path):
     sizes = {"train": 4, "validation": 2, "test": 2, "heldout": 2}
     src = shapes.load("validation", image_size=32, data_dir=tmp_path, sizes=sizes)

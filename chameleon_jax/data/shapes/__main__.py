@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
           + ", ".join(f"{s} {len(src)}" for s, src in sources.items()))
     if cfg.grid:
         src = sources[cfg.grid_split]
-        write_grid(cfg.grid, [src[i] for i in range(min(cfg.grid_n, len(src)))])
+        write_grid(cfg.grid, list(src.examples(0, cfg.grid_n)))
         print(f"wrote {cfg.grid}")
     if cfg.judge:
         for s, src in sources.items():

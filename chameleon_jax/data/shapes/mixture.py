@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import threading
 from typing import Mapping
 
 import numpy as np
@@ -65,11 +66,13 @@ class ShapesMixture:
         self.examples = shapes.load(split, image_size, **self._kw)
         # Examples read once are kept: the stream revisits every picture many times, and reading a
         # record (TFDS deserialisation, or drawing it where TFDS is absent) was most of a batch's cost.
+        # A miss reads the source's whole block around it (`_fetch`).
         self._read: dict[int, dict] = {}
+        self._read_lock = threading.Lock()
         self.interleaved = []
-        if "interleaved" in self.tasks:
-            self.interleaved = list(shapes.interleaved_documents(split, image_size, n=interleaved_docs or None,
-                                                                 **self._kw))
+        if "interleaved" in self.tasks:  # shapes.interleaved_documents, from the examples kept here
+            n = min(interleaved_docs or len(self.examples), len(self.examples))
+            self.interleaved = [shapes.edit_document(self._fetch(i), split) for i in range(n)]
         self._split_code = int.from_bytes(hashlib.sha1(split.encode()).digest()[:4], "little")
         self._keep_one_object = one_object_keep(two_object_share)
         self._partial_share = float(partial_prompt_share)
@@ -102,10 +105,20 @@ class ShapesMixture:
             i = int(rng.integers(len(self.examples)))
             example = self._read.get(i)
             if example is None:
-                example = self._read[i] = self.examples[i]
+                example = self._fetch(i)
             # keep >= 1 draws nothing more from rng, so the stream is the same as without the share.
             if keep >= 1.0 or example["num_objects"] > 1 or rng.random() < keep:
                 return example
+
+    def _fetch(self, i: int) -> dict:
+        """Example i, read with the rest of its block (`read_block` examples) in one batched read; all are kept."""
+        with self._read_lock:  # documents are drawn in several threads: each block is read once
+            example = self._read.get(i)
+            if example is None:
+                lo = i - i % self.examples.read_block
+                self._read.update(enumerate(self.examples.examples(lo, lo + self.examples.read_block), lo))
+                example = self._read[i]
+        return example
 
     def images(self) -> list[np.ndarray]:
         """Every image the stream can show (the split's pictures and the interleaved ones)."""

@@ -24,6 +24,9 @@ from chameleon_jax.data.shapes import records, spec
 class _Source:
     split: str
     image_size: int
+    # Examples worth reading together: sequential readers (`examples`) and caches that fill on a miss
+    # (ShapesMixture) fetch this many at a time.
+    read_block: int = 1
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -46,9 +49,14 @@ class _Source:
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         return [self[i] for i in indices]
 
+    def examples(self, start: int = 0, stop: int | None = None):
+        """Examples start, ..., stop - 1 in order (stop None = the end), read `read_block` at a time."""
+        stop = len(self) if stop is None else min(int(stop), len(self))
+        for lo in range(int(start), stop, self.read_block):
+            yield from self.__getitems__(range(lo, min(lo + self.read_block, stop)))
+
     def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
+        return self.examples()
 
     def __repr__(self):
         return f"{type(self).__name__}(split={self.split!r}, image_size={self.image_size}, len={len(self)})"
@@ -56,6 +64,10 @@ class _Source:
 
 class TfdsSource(_Source):
     """A built split read through `tfds` data sources (array_record, random access)."""
+
+    # One array_record read alone costs about 20 times its share of a batched read (365 against
+    # 17 us a record), and decoding costs about 240 us a record either way.
+    read_block = 256
 
     def __init__(self, data_source, split: str, image_size: int, length: int | None = None):
         self._source = data_source
@@ -209,8 +221,6 @@ def load_images(split: str, image_size: int = 64, data_dir: str | os.PathLike | 
     source = load(split, image_size, data_dir, sizes, seed=seed, backend=backend)
     n = min(limit, len(source)) if limit > 0 else len(source)
     out = np.empty((n, image_size, image_size, 3), np.uint8)
-    chunk = 1024
-    for start in range(0, n, chunk):
-        for j, record in enumerate(source.__getitems__(range(start, min(start + chunk, n)))):
-            out[start + j] = record["image"]
+    for i, record in enumerate(source.examples(0, n)):
+        out[i] = record["image"]
     return out

@@ -159,4 +159,4 @@ def interleaved_documents(split: str, image_size: int = 64, data_dir: str | os.P
 
     source = load(split, image_size, data_dir, sizes, seed=seed, backend=backend)
     count = len(source) if n is None else min(int(n), len(source))
-    return [edit_document(source[i], split, seed) for i in range(count)]
+    return [edit_document(example, split, seed) for example in source.examples(0, count)]

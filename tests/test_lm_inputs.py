@@ -59,6 +59,12 @@ def test_shapes_documents_are_tokenised_into_the_run_once_and_packed(tmp_path):
     assert shard.stat().st_mtime_ns == written
     assert again.vocab.fingerprint() == v.fingerprint()
     np.testing.assert_array_equal(again.train_iterator(4).next_local()["tokens"], toks)
+    # Settings of how the work is done (tokenize.HOW_ONLY) do not make it other data.
+    path = run / "tokens" / "train" / "manifest-00000-of-00001.json"
+    manifest["config"].update(chunk_docs=256, decode_threads=4)
+    path.write_text(json.dumps(manifest))
+    prepare(configlib.apply_overrides(cfg, ["progress=true"]), run)
+    assert shard.stat().st_mtime_ns == written
     # A longer run over the same folder keeps the tokenised set (and reads it again in a new order).
     assert _shard_data(configlib.apply_overrides(cfg, ["steps=40"]), run).train_sets[0].directory == shard.parent
 

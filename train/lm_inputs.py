@@ -120,7 +120,8 @@ def _tokenise(tcfg: tokenize.TokenizeConfig, cfg: LMTrainConfig, what: str, toke
             tcfg, source = _shapes_draw(tcfg, cfg, tokens_needed, docs)
     if recorded is not None:
         mine = configlib.to_dict(tcfg)
-        differ = sorted(k for k in set(mine) | set(recorded) if mine.get(k) != recorded.get(k))
+        differ = sorted(k for k in set(mine) | set(recorded)
+                        if k not in tokenize.HOW_ONLY and mine.get(k) != recorded.get(k))
         if differ:
             raise configlib.ConfigError(
                 f"{out} holds {what} documents tokenised with other settings ({', '.join(differ)}); "

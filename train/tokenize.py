@@ -91,6 +91,10 @@ class TokenizeConfig:
 
 PRESETS = {"default": TokenizeConfig}
 
+# Settings that change how the work is done, not the shards it writes: a folder tokenised with other
+# values of these is the same data.
+HOW_ONLY = frozenset({"chunk_docs", "decode_threads", "code_memo_mib", "progress"})
+
 
 class BadDocumentsError(DataError):
     """Some documents could not be read (listed in the report); skip_bad=true finishes without them.

@@ -93,12 +93,12 @@ def test_vq_step_sums_per_device_where_it_can_and_matches_xla(quantizer, flat):
     for mode in ("auto", "xla"):
         progs = train_vq._programs(*args, mode)
         assert progs.flat_sum == (flat and mode == "auto")
-        state, rows = progs.init(), []
+        leaves, rows = progs.pack(progs.init()), []
         for step in range(4):
             batch = jax.make_array_from_process_local_data(progs.batch_sharding, images)
-            state, metrics = progs.step(state, batch, jax.random.key(step))
+            leaves, metrics = progs.step(leaves, batch, jax.random.key(7))
             rows.append({k: float(v) for k, v in metrics.items()})
-        runs[mode] = (rows, jax.device_get(state["params"]))
+        runs[mode] = (rows, jax.device_get(progs.unpack(leaves)["params"]))
     (rows_a, params_a), (rows_b, params_b) = runs["auto"], runs["xla"]
     for a, b in zip(rows_a, rows_b):
         assert a.keys() == b.keys()

@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from chameleon_jax import configlib
+from chameleon_jax import configlib, host_malloc
 from chameleon_jax.configlib import ConfigError, param
 from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
 from train.optim import OptimConfig
@@ -359,13 +359,14 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
         cfg.model, cfg.optim, schedule_steps, cfg.recon_loss, cfg.codebook_weight, extra_fn, cfg.extra_loss_weight,
         cfg.quantize_warmup_steps, cfg.seed, tuple(jax.devices()), cfg.grad_sum,
     )
-    state = progs.init()
+    state = progs.init()  # the structured state: checkpoints, previews and the export read it
     schedule_lr = progs.schedule
     if progs.flat_sum:
         log.info("gradients summed per device, then in one all-reduce over %d devices", jax.device_count())
 
     def save_preview(step: int) -> None:
         (run_dir / "samples").mkdir(exist_ok=True)
+        state = current_state()
         recon = np.asarray(progs.reconstruct(state["params"], state["buffers"], preview))
         viz.save_png(viz.comparison_grid(preview, recon), run_dir / "samples" / f"recon_{step:07d}.png")
 
@@ -381,12 +382,18 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
         log.info("resumed from step %d", start)
     if start >= cfg.steps:
         log.info("checkpoint step %d >= steps %d; exporting", start, cfg.steps)
+    leaves = progs.pack(state)  # what the steps carry (chameleon_jax.state_leaves); the first step donates them
+    del state
+
+    def current_state():
+        return progs.unpack(leaves)
 
     def save_now(step: int) -> Path:
+        state = current_state()
         to_save = jax.device_get(state) if jax.process_count() == 1 else state
         return ckpt.save_now(step, to_save, {"data": data_iter.get_state()})
 
-    base_key = jax.random.key(cfg.seed)
+    base_key = jax.device_put(jax.random.key(cfg.seed), progs.replicated)
     writer = MetricsWriter(run_dir, tensorboard=cfg.tensorboard, resume_step=start) if session.primary else None
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress, desc="vqvae", dynamic_ncols=True)
     last_time, last_step, compile_s = time.perf_counter(), start, None
@@ -394,7 +401,7 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
     try:
         for step in range(start, cfg.steps):
             batch = jax.make_array_from_process_local_data(progs.batch_sharding, next(data_iter))
-            state, metrics = progs.step(state, batch, jax.random.fold_in(base_key, step))
+            leaves, metrics = progs.step(leaves, batch, base_key)
             loss = float(metrics["loss"])
             done = step + 1
             if compile_s is None:
@@ -422,6 +429,7 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
             if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                 # One process: save a host copy. Orbax would otherwise gather every replica of every
                 # replicated array (slow on many local devices); several processes need the global arrays.
+                state = current_state()
                 to_save = jax.device_get(state) if jax.process_count() == 1 else state
                 ckpt.save(done, to_save, {"data": data_iter.get_state()})
             if done < cfg.steps and session.stop.should_stop(done):
@@ -435,6 +443,7 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
 
     # ---- export.
     save_preview(cfg.steps)
+    state = current_state()
     model = nnx.merge(progs.graphdef, jax.device_get(state["params"]), jax.device_get(state["buffers"]))
     save_tokenizer(model, run_dir / "tokenizer", source="trained", step=cfg.steps, run_dir=str(run_dir.absolute()))
     figures = {"vq_train_steps": cfg.steps, "vq_codes_per_image": cfg.model.codes_per_image}
@@ -453,10 +462,13 @@ def _train(cfg: VQTrainConfig, run_dir: Path, session: RunSession, extra_loss) -
 class _Programs:
     graphdef: Any
     init: Any  # () -> state, created replicated
-    step: Any  # (state, images_u8 [B,S,S,3] sharded, key) -> (state, metrics); donates state
+    step: Any  # (state leaves, images_u8 [B,S,S,3] sharded, base key) -> (state leaves, metrics); donates them
+    pack: Any  # state -> the list of its arrays that `step` carries
+    unpack: Any  # that list -> state
     reconstruct: Any  # (params, buffers, images_u8) -> uint8 reconstructions
     schedule: Any
     batch_sharding: Any
+    replicated: Any
     flat_sum: bool  # each device sums its rows' gradients; one all-reduce adds them up
 
 
@@ -472,6 +484,7 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from chameleon_jax import data_parallel
+    from chameleon_jax.state_leaves import StateLeaves
     from train.optim import make_optimizer, make_schedule
     from vqvae import losses
     from vqvae import tokenizer as tokenizer_lib
@@ -527,7 +540,8 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
         grad_sum, mesh, replicated, batch_sharding.spec) else 1
     step_sums = data_parallel.shard_sums(grad_sums, mesh, batch_sharding.spec) if shards > 1 else grad_sums
 
-    def train_step(state, images_u8, key):
+    def train_step(state, images_u8, base_key):
+        key = jax.random.fold_in(base_key, state["step"])
         sums, buffers = step_sums((state["params"], state["buffers"], state["step"], key), images_u8)
         grads = sums["grads"]
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -545,18 +559,24 @@ def _programs(model_cfg: VQConfig, optim: OptimConfig, steps: int, recon_kind: s
         state = nnx.merge_state(params, buffers)
         return tokenizer_lib._decode(graphdef, state, tokenizer_lib._encode(graphdef, state, images_u8))
 
+    # The steps carry the state as a plain list of arrays, which JAX flattens in C++, not as NNX
+    # variables flattened one by one in Python (chameleon_jax.state_leaves).
+    layout = StateLeaves.of(abstract)
     return _Programs(
         graphdef=graphdef,
         init=jax.jit(init_state, out_shardings=replicated),
         step=jax.jit(
-            train_step,
+            layout.step(train_step),
             in_shardings=(replicated, batch_sharding, replicated),
             out_shardings=(replicated, replicated),
             donate_argnums=(0,),
         ),
+        pack=layout.pack,
+        unpack=layout.unpack,
         reconstruct=reconstruct,
         schedule=make_schedule(optim, steps),
         batch_sharding=batch_sharding,
+        replicated=replicated,
         flat_sum=shards > 1,
     )
 
@@ -572,4 +592,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_huge_pages()
     main()

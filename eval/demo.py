@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from chameleon_jax import configlib
+from chameleon_jax import configlib, host_malloc
 from chameleon_jax.configlib import param
 from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
 from eval import common
@@ -304,4 +304,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_huge_pages()
     configlib.main_guard(main)

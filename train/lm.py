@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chameleon_jax import configlib
+from chameleon_jax import configlib, host_malloc
 from chameleon_jax.generation.distributed import maybe_initialize
 from train.lm_config import PRESETS, LMTrainConfig
 from train.run import RunSession, TrainingDivergedError, clear_run, enable_compilation_cache, guard, setup_logging
@@ -401,4 +401,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_huge_pages()
     main()

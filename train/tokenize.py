@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from chameleon_jax import configlib
+from chameleon_jax import configlib, host_malloc
 from chameleon_jax.configlib import param
 from chameleon_jax.data.documents import DataError
 from chameleon_jax.data.shapes.spec import Backend as ShapesBackend
@@ -378,4 +378,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_huge_pages()
     main()

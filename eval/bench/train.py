@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chameleon_jax import configlib
+from chameleon_jax import configlib, host_malloc
 from chameleon_jax.config import MODEL_PRESETS, MeshConfig, ModelConfig
 from chameleon_jax.configlib import param
 from chameleon_jax.host_devices import set_cpu_devices
@@ -186,4 +186,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    host_malloc.reexec_with_huge_pages()
     main()

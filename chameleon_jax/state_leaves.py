@@ -23,8 +23,9 @@ class StateLeaves:
     """The structure of a state whose leaves travel between steps as a list.
 
     `pack(state)` gives the list, `unpack(leaves)` the state, and `step(fn)` turns
-    `fn(state, *args) -> (state, out)` into `(leaves, *args) -> (leaves, out)`, to jit.
-    A sharding (or a tree of them with the state's structure) goes through `shardings`.
+    `fn(state, *args) -> (state, out)` into `(leaves, *args) -> (leaves, out)`, to jit. A
+    sharding for the whole state applies to the list as it is; a tree of per-leaf shardings
+    goes through `pack` too.
     """
 
     treedef: Any
@@ -41,12 +42,6 @@ class StateLeaves:
         if len(leaves) != self.treedef.num_leaves:
             raise ValueError(f"expected {self.treedef.num_leaves} state arrays, got {len(leaves)}")
         return self.treedef.unflatten(leaves)
-
-    def shardings(self, tree_or_sharding) -> Any:
-        """Shardings for the leaf list: one sharding for all, or one per leaf from a tree like the state's."""
-        if isinstance(tree_or_sharding, jax.sharding.Sharding):
-            return tree_or_sharding
-        return self.pack(tree_or_sharding)
 
     def step(self, fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
         def leaves_fn(leaves, *args):

@@ -56,13 +56,12 @@ def test_a_step_on_the_leaf_list_computes_what_the_structured_step_computes():
     assert int(back["step"]) == 3
 
 
-def test_shardings_follow_the_leaves_and_a_wrong_list_is_refused():
+def test_per_leaf_shardings_pack_like_the_state_and_a_wrong_list_is_refused():
     state, _ = _setup()
     layout = StateLeaves.of(state)
     mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     one = NamedSharding(mesh, P())
-    assert layout.shardings(one) is one
-    per_leaf = layout.shardings(jax.tree.map(lambda _: one, state))
-    assert len(per_leaf) == len(jax.tree.leaves(state))
+    per_leaf = layout.pack(jax.tree.map(lambda _: one, state))
+    assert len(per_leaf) == len(jax.tree.leaves(state)) and all(s is one for s in per_leaf)
     with pytest.raises(ValueError, match="expected .* state arrays, got 2"):
         layout.unpack(layout.pack(state)[:2])

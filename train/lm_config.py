@@ -106,7 +106,8 @@ def demo() -> LMTrainConfig:
     # pad 5% of the slots, as greedy rows of 384 did (greedy rows of 192 pad 9%). With the demo's two
     # CPU devices a step takes about 0.65 s in float32. The projections multiply in bf16 with float32
     # accumulation (model.matmul_dtype; norms, residuals, attention scores and the loss stay float32):
-    # on a CPU with AMX those matmuls run 4-5 times faster, and a step takes about 0.46 s.
+    # on a CPU with AMX those matmuls run 4-5 times faster, and a step takes about 0.46 s; with XLA's
+    # scratch memory in huge pages (chameleon_jax.host_malloc, which the commands turn on) about 0.43 s.
     # docs/experiments.md has the runs.
     model = dataclasses.replace(cfg.model, hidden_dim=192, num_heads=6, num_kv_heads=6, ffn_dim=576,
                                 image_code_digits=(-1,), image_code_own_logits=False, matmul_dtype="bfloat16")

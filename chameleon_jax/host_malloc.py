@@ -6,20 +6,19 @@ device; glibc serves a block that large with a fresh `mmap`, so every step fault
 whole buffer in again, 4 KB at a time: 185,000 page faults and 0.28 s of kernel time a
 step on two cores. With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks the
 kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`), so the same buffer
-faults in 2 MB at a time: about 1,300 faults a step, and the demo's step takes 377 ms
-instead of 497 ms (`python -m eval.bench.train` with the demo's model: 381-383 ms
-against 483-487 ms). The tokenizer, whose buffers are small, trains about 5% slower with
-it (281-304 pictures a second against 307-317); a process gets one setting, and the
-demo's transformer takes twice the tokenizer's time.
+faults in 2 MB at a time: about 1,300 faults a step, and the demo's step takes 381-383
+ms instead of 483-487 ms (`python -m eval.bench.train` with the demo's model). The
+tokenizer, whose buffers are small, trains about 5% slower with it (281-304 pictures a
+second against 307-317); a process gets one setting, and the demo's transformer takes
+twice the tokenizer's time.
 
 glibc reads its tunables once, when a process starts, from the GLIBC_TUNABLES
-environment variable. `demo.sh` sets it; the command-line entry points that train or
-benchmark call `reexec_with_huge_pages()` under their `__main__` guard, which starts
+environment variable. The command-line entry points that train, tokenise, run the demo or
+benchmark a step call `reexec_with_huge_pages()` under their `__main__` guard, which starts
 the same command again with the tunable added when it is missing and would take
 effect: Linux with glibc 2.35 or newer, transparent huge pages in `madvise` mode,
 JAX computing on the CPU (JAX_PLATFORMS=cpu, or no CUDA, ROCm or TPU plugin
-installed), and CHAMELEON_JAX_MALLOC not set to `system`. A huge page is only used
-where malloc maps at least 2 MB, so small processes keep their size.
+installed), and CHAMELEON_JAX_MALLOC not set to `system`.
 """
 
 from __future__ import annotations
@@ -61,10 +60,8 @@ def _thp_on_request() -> bool:
 
 def with_huge_pages(env: dict[str, str]) -> dict[str, str]:
     """`env` with the tunable added to GLIBC_TUNABLES (kept as it is when already there)."""
-    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    if TUNABLE in tunables:
-        return dict(env)
-    tunables = [t for t in tunables if not t.startswith("glibc.malloc.hugetlb=")] + [TUNABLE]
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+    tunables.append(TUNABLE)
     return {**env, "GLIBC_TUNABLES": ":".join(tunables)}
 
 

@@ -67,6 +67,12 @@ class LMDataConfig:
         "\"a large red shape\"), so that colour and shape words each learn their own part of the picture; "
         "validation prompts name everything; 0 = never",
     )
+    position_question_weight: float = param(
+        1.0,
+        "how much likelier a training VQA document asks where an object is than each other question about "
+        "it (colour, shape, size), since position is the question the model learns last; validation "
+        "documents keep them alike; 1 = all alike",
+    )
     interleaved_docs: int = param(2000, "interleaved (edit) Shapes documents per split to draw from; 0 = one per example")
     jsonl_train: str = param("", "JSON Lines file of training documents (source=jsonl)")
     jsonl_eval: str = param("", "JSON Lines file of validation documents (source=jsonl); empty = no eval")

@@ -166,3 +166,27 @@ def test_shapes_image_size_follows_the_tokenizer_and_names_a_mismatch():
     assert shapes_image_size(LMDataConfig(), ColourGridTokenizer(), "") == 64
     with pytest.raises(ValueError, match=r"data.image_size=64 .* runs/vq reads 32 px"):
         shapes_image_size(LMDataConfig(image_size=64), tok32, "runs/vq")
+
+
+def test_position_question_weight_reaches_training_vqa_only(tmp_path):
+    from chameleon_jax.data.shapes.mixture import ShapesMixture
+    from train.lm_inputs import tokenize_configs
+    from train.tokenize import shapes_mixture
+
+    def position_share(weight):
+        src = ShapesMixture("train", 32, {"caption": 1, "vqa": 3}, examples=200, backend="generate",
+                            position_question_weight=weight)
+        docs = [src.document(i) for i in range(400)]
+        types = [d.meta["question_type"] for d in docs if d.task == "vqa"]
+        return np.mean([t == "position" for t in types]), docs
+
+    uniform, docs = position_share(1.0)
+    default = ShapesMixture("train", 32, {"caption": 1, "vqa": 3}, examples=200, backend="generate")
+    assert [d.segments[0].text for d in docs[:50]] == [default.document(i).segments[0].text for i in range(50)]
+    assert 0.15 < uniform < 0.3  # one of an object's four questions, after the count question's tenth
+    assert position_share(3.0)[0] > uniform + 0.2  # 3/6 of an object's questions: about 0.45
+    with pytest.raises(ValueError, match="position_question_weight=0"):
+        position_share(0.0)
+    train, val = tokenize_configs(_train_cfg(tmp_path, position_question_weight=3.0), tmp_path / "run")
+    assert train.position_question_weight == 3.0 and val.position_question_weight == 1.0
+    assert shapes_mixture(train, 32)._position_weight == 3.0

@@ -70,7 +70,8 @@ def tokenize_configs(cfg: LMTrainConfig, run_dir: Path) -> tuple[tokenize.Tokeni
         train = dataclasses.replace(shapes, out_dir=str(tokens / "train"), vocab_dir=d.vocab_dir,
                                     shapes_split=d.train_split, shapes_examples=d.train_examples,
                                     two_object_share=d.two_object_share,
-                                    partial_prompt_share=d.partial_prompt_share, seed=d.seed)
+                                    partial_prompt_share=d.partial_prompt_share,
+                                    position_question_weight=d.position_question_weight, seed=d.seed)
         val = None
         if d.eval_split:
             val = dataclasses.replace(shapes, out_dir=str(tokens / "validation"), shapes_split=d.eval_split,

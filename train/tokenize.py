@@ -73,6 +73,8 @@ class TokenizeConfig:
     two_object_share: float = param(0.0, "share of t2i and VQA documents showing two objects; 0 = the split's own")
     partial_prompt_share: float = param(
         0.0, "chance that a Shapes t2i prompt leaves an object's colour or shape unsaid; 0 = never")
+    position_question_weight: float = param(
+        1.0, "how much likelier a Shapes VQA document asks an object's position than each other question; 1 = alike")
     seed: int = param(0, "Shapes mixture seed")
     max_docs: int = param(0, "tokenise only the first documents of the source; 0 = all")
     docs_per_shard: int = param(4096, "documents per shard (per process)")
@@ -119,7 +121,8 @@ def shapes_mixture(cfg: TokenizeConfig, image_size: int):
                "interleaved": cfg.interleaved_weight}
     return ShapesMixture(cfg.shapes_split, image_size, weights, seed=cfg.seed, examples=cfg.shapes_examples,
                          backend=cfg.shapes_backend, interleaved_docs=cfg.interleaved_docs,
-                         two_object_share=cfg.two_object_share, partial_prompt_share=cfg.partial_prompt_share)
+                         two_object_share=cfg.two_object_share, partial_prompt_share=cfg.partial_prompt_share,
+                         position_question_weight=cfg.position_question_weight)
 
 
 def open_source(cfg: TokenizeConfig, image_size: int | None):

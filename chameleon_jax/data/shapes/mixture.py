@@ -41,12 +41,15 @@ class ShapesMixture:
     (0 = the data set's default). interleaved_docs: edit documents to draw from (0 = one per
     example). two_object_share: see `one_object_keep` (t2i and VQA only; 0 = the split's own mix).
     partial_prompt_share: chance that a t2i prompt leaves an object's colour or shape unsaid
-    (`tasks.partial_prompt_attributes`; 0 = every prompt names everything).
+    (`tasks.partial_prompt_attributes`; 0 = every prompt names everything). position_question_weight:
+    how much likelier a VQA document asks where an object is than each other question about it
+    (`tasks.vqa_document`; 1 = all alike).
     """
 
     def __init__(self, split: str, image_size: int, weights: Mapping[str, float], seed: int = 0,
                  examples: int = 0, backend: str = "auto", interleaved_docs: int = 2000,
-                 two_object_share: float = 0.0, partial_prompt_share: float = 0.0):
+                 two_object_share: float = 0.0, partial_prompt_share: float = 0.0,
+                 position_question_weight: float = 1.0):
         from chameleon_jax.data import shapes
 
         self.shapes = shapes
@@ -78,6 +81,9 @@ class ShapesMixture:
         self._partial_share = float(partial_prompt_share)
         if not 0.0 <= self._partial_share <= 1.0:
             raise ValueError(f"data.partial_prompt_share={partial_prompt_share} must lie in [0, 1]")
+        self._position_weight = float(position_question_weight)
+        if not self._position_weight > 0.0:
+            raise ValueError(f"data.position_question_weight={position_question_weight} must be positive")
 
     def document(self, index: int) -> Document:
         """Document `index` of the stream. Its meta["picture_keys"] name its pictures within the split
@@ -92,9 +98,10 @@ class ShapesMixture:
             example = self._example(rng, skew=task != "caption")
             if task == "t2i":
                 doc = self.shapes.t2i_document(example, rng, self._partial_share)
+            elif task == "vqa":
+                doc = self.shapes.vqa_document(example, rng, self._position_weight)
             else:
-                make = {"caption": self.shapes.caption_document, "vqa": self.shapes.vqa_document}[task]
-                doc = make(example, rng)
+                doc = self.shapes.caption_document(example, rng)
             keys = (f"{self.name}/{int(example['index'])}",)
         return dataclasses.replace(doc, meta={**doc.meta, "picture_keys": keys})
 

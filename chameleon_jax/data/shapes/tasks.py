@@ -113,16 +113,22 @@ def _questions_by_object(question_types: list[str]) -> list[list[int]]:
 COUNT_QUESTION_SHARE = 0.1  # counting is learnt in a few hundred steps; the other questions need the rows
 
 
-def vqa_document(example: Mapping[str, Any], rng: np.random.Generator) -> Document:
+def vqa_document(example: Mapping[str, Any], rng: np.random.Generator, position_weight: float = 1.0) -> Document:
     """The training form of VQA: one question of the example, picked with `rng`, laid out as in
     `vqa_documents`. The count question with chance COUNT_QUESTION_SHARE, else a question about an
-    object picked uniformly (then one of that object's questions, uniformly)."""
-    count, *objects = _questions_by_object(list(example["question_types"]))
+    object picked uniformly, then one of that object's questions: a position question with
+    `position_weight` times the chance of each other question (1 = uniformly)."""
+    types = list(example["question_types"])
+    count, *objects = _questions_by_object(types)
     if not objects or rng.random() < COUNT_QUESTION_SHARE:
         i = count[0]
     else:
         group = objects[int(rng.integers(len(objects)))]
-        i = group[int(rng.integers(len(group)))]
+        if position_weight == 1.0:  # the uniform draw, kept as is so that the default stream does not change
+            i = group[int(rng.integers(len(group)))]
+        else:
+            w = np.array([position_weight if types[j] == "position" else 1.0 for j in group])
+            i = group[int(rng.choice(len(group), p=w / w.sum()))]
     return _vqa_document(example, records.example_objects(example), i)
 
 

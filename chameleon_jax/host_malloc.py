@@ -59,7 +59,7 @@ def _thp_on_request() -> bool:
 
 
 def with_huge_pages(env: dict[str, str]) -> dict[str, str]:
-    """`env` with the tunable added to GLIBC_TUNABLES (kept as it is when already there)."""
+    """`env` with the tunable last in GLIBC_TUNABLES (any other hugetlb value dropped, other tunables kept)."""
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
     tunables.append(TUNABLE)
     return {**env, "GLIBC_TUNABLES": ":".join(tunables)}

@@ -47,6 +47,10 @@ class EvalConfig:
                                               "Jacobi decoding (jacobi: same distribution, fewer passes)")
     jacobi_window: int = param(16, "draft codes verified per forward pass with image_decoding=jacobi")
     data_dir: str = param("", "where the Shapes data set lives; empty = the default data directory")
+    data_seed: int = param(
+        0, "Shapes data seed: 0 is the data set the model is trained and scored on; another seed draws other "
+           "pictures of the same splits and pairs (with shapes_backend=generate nothing is built), a set to choose "
+           "decoding settings on without looking at the test or heldout split")
     shapes_backend: ShapesBackend = param("auto", "Shapes storage: auto, tfds (built array_record files) or generate (computed on access)")
     mesh: MeshConfig = param(
         MeshConfig(data=1, fsdp=1, tensor=1),
@@ -221,5 +225,6 @@ def load_examples(cfg: EvalConfig, split: str | None = None) -> list[dict[str, A
     """The first `cfg.num_examples` examples of a Shapes split."""
     from chameleon_jax.data import shapes
 
-    source = shapes.load(split or cfg.split, cfg.image_size, cfg.data_dir or None, backend=cfg.shapes_backend)
+    source = shapes.load(split or cfg.split, cfg.image_size, cfg.data_dir or None, seed=cfg.data_seed,
+                         backend=cfg.shapes_backend)
     return list(source.examples(0, take(len(source), cfg.num_examples)))

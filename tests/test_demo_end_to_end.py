@@ -56,7 +56,7 @@ def test_the_demos_recipe_digit_rows_a_digits_only_head_and_more_caption_and_tex
     assert cfg.lm.model.image_code_own_logits is False
     assert cfg.vq.model.quantizer == "fsq" and len(cfg.vq.model.fsq_levels) > 1
     data = cfg.lm.data
-    assert data.t2i_weight == 2 * data.vqa_weight and data.caption_weight == 2 * data.vqa_weight
+    assert data.t2i_weight == 2 * data.vqa_weight and data.caption_weight == 1.5 * data.vqa_weight
 
 
 @pytest.mark.parametrize("preset", ["demo", "tiny"])

@@ -42,6 +42,11 @@ class EvalConfig:
         1.5, "classifier-free guidance scale for image tokens (1 = off). Scale 3 broke the demo model's pictures "
              "into fragments (t2i seen 0.00 against 0.51 unguided after 5000 steps)"
     )
+    image_candidates: int = param(
+        8, "text to image: pictures drawn per prompt. Above 1 the first is drawn with the settings above, the "
+           "others are sampled at candidate_temperature, and the one whose prompt the model itself reads likeliest "
+           "as its caption is kept (chameleon_jax/generation/rerank.py)")
+    candidate_temperature: float = param(1.0, "image-code sampling temperature of the candidate pictures after the first")
     max_new_tokens: int = param(48, "generation budget for text answers and captions")
     image_decoding: Literal["sequential", "jacobi"] = param("sequential", "image codes one per forward pass (sequential) or by speculative "
                                               "Jacobi decoding (jacobi: same distribution, fewer passes)")

@@ -90,7 +90,7 @@ def _tiny() -> DemoConfig:
         run_dir="runs/demo-tiny", image_size=32, shapes_backend="generate", judge_examples=20, vq_examples=32,
         caption_examples=4, vqa_examples=2,
         t2i_examples=2, interleaved_examples=2, perplexity_examples=2, vq=vq, lm=lm,
-        eval=dataclasses.replace(common.EvalConfig(), batch_size=4, max_new_tokens=12),
+        eval=dataclasses.replace(common.EvalConfig(), batch_size=4, max_new_tokens=12, image_candidates=2),
     )
 
 

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import math
 
-import jax
 import numpy as np
-from flax import nnx
 
 from chameleon_jax.data import shapes
-from chameleon_jax.generation.placement import Placement, fetch
 from chameleon_jax.losses import lm_loss_sums
+from chameleon_jax.scoring import score_rows
 from chameleon_jax.sequence import SequenceConfig, encode_document, fit_to_row, pack
-from chameleon_jax.sharding import use_mesh
 from eval import common
 
 
@@ -46,33 +43,14 @@ def evaluate(pipe, cfg: common.EvalConfig) -> dict:
         pieces += fit_to_row(encode_document(doc, vocab, codes_of, seq_cfg), seq_len, "split")
     batch = pack(pieces, seq_len, vocab.pad_id)
 
-    graphdef, state = nnx.split(model)
-    placement = None if getattr(pipe, "mesh", None) is None else Placement.of(pipe.mesh, pipe.rules)
-    batch_size = cfg.batch_size
-    if placement is not None:  # whole rows per data shard
-        batch_size = placement.row_shards * -(-batch_size // placement.row_shards)
-
-    def loss_sums(state, rows):
-        logits = nnx.merge(graphdef, state)(rows["tokens"], rows["positions"], rows["segment_ids"])
+    def loss_sums(logits, rows):
         return lm_loss_sums(logits, rows["targets"], rows["loss_weights"], rows["modality"], 0.0)
 
-    sums = jax.jit(loss_sums)
     total: dict[str, float] = {}
-    n_rows = batch["tokens"].shape[0]
-    for i in range(0, n_rows, batch_size):
-        rows = {k: v[i : i + batch_size] for k, v in batch.items()}
-        pad = batch_size - rows["tokens"].shape[0]
-        if pad:  # keep one compiled shape: padding rows carry zero weight
-            rows = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
-        if placement is not None:
-            rows = {k: jax.make_array_from_callback(v.shape, placement.rows(v.shape), lambda idx, v=v: v[idx])
-                    for k, v in rows.items()}
-            with use_mesh(placement.mesh, placement.rules):  # the model's activation constraints apply
-                out = sums(state, rows)
-        else:
-            out = sums(state, rows)
+    for out in score_rows(pipe, batch, cfg.batch_size, loss_sums):
         for k, v in out.items():
-            total[k] = total.get(k, 0.0) + float(fetch(v))
+            total[k] = total.get(k, 0.0) + float(v)
+    n_rows = batch["tokens"].shape[0]
     text_nll = total["text_ce_sum"] / max(total["text_weight_sum"], 1e-9)
     image_nll = total["image_ce_sum"] / max(total["image_weight_sum"], 1e-9)
     return {

@@ -22,6 +22,7 @@ HEADLINE = (
     "judge_accuracy_ground_truth", "vq_psnr_db", "vq_codebook_usage", "vq_judge_accuracy",
     "vq_judge_accuracy_heldout", "caption_exact_match",
     "caption_cider_d", "vqa_accuracy", "t2i_judge_accuracy_seen", "t2i_judge_accuracy_heldout",
+    "t2i_judge_accuracy_seen_first_candidate", "t2i_judge_accuracy_heldout_first_candidate",
     "t2i_judge_accuracy_seen_no_guidance", "interleaved_image_accuracy", "text_perplexity", "image_perplexity",
 )
 

@@ -71,7 +71,9 @@ def draw_best_of(pipe, prompts: list[str], cfg: common.EvalConfig, cfg_scale: fl
         sampled = dataclasses.replace(cfg, seed=cfg.seed + k * CANDIDATE_SEED_STRIDE,
                                       image_temperature=cfg.candidate_temperature)
         candidates.append(generate_images(pipe, prompts, sampled, cfg_scale, f"{desc} candidate {k + 1}"))
-    nll = np.stack([rerank.caption_nll(pipe, c, prompts, cfg.batch_size) for c in candidates])
+    # One call for every (candidate, prompt) pair: one compiled scoring program for all of them.
+    nll = rerank.caption_nll(pipe, [img for c in candidates for img in c], prompts * len(candidates), cfg.batch_size)
+    nll = nll.reshape(len(candidates), len(prompts))
     pick = rerank.choose(nll)
     return [candidates[pick[i]][i] for i in range(len(prompts))], candidates
 

@@ -8,9 +8,9 @@ easier than writing: on the Shapes demo a model that draws a held-out (colour, s
 pair right less than half the time still prefers the right picture of that pair over the
 same colour in another shape about nine times in ten (docs/experiments.md).
 
-The candidates come from the usual decoding (`pipeline.generate_ids`): the first with
-the caller's settings (greedy by default), the others sampled, so best-of-n only adds
-pictures to choose from and never removes the greedy one.
+This module only scores and chooses; the caller draws the candidates with the usual
+decoding (`eval.t2i.draw_best_of`: the first with its own settings, greedy by default,
+the others sampled, so choosing only adds pictures and never drops the greedy one).
 """
 
 from __future__ import annotations

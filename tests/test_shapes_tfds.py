@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chameleon_jax.data import paths, shapes
-from chameleon_jax.data.shapes import spec
+from chameleon_jax.data.shapes import records, spec
 
 pytest.importorskip("tensorflow_datasets")
 
@@ -21,17 +21,7 @@ def built(tmp_path_factory):
 
 
 def _same_record(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if k == "objects":
-            assert a[k].keys() == b[k].keys()
-            for name in a[k]:
-                np.testing.assert_array_equal(np.asarray(a[k][name]), np.asarray(b[k][name]))
-        elif k == "image":
-            assert a[k].dtype == b[k].dtype == np.uint8
-            assert a[k].tobytes() == b[k].tobytes()
-        else:
-            assert a[k] == b[k], k
+    assert records.same_record(a, b), (a, b)
 
 
 @pytest.mark.parametrize("split", spec.SPLITS)
@@ -46,6 +36,37 @@ def test_built_split_reads_back_exactly_the_generated_examples(built, split):
     _same_record(pickle.loads(pickle.dumps(src))[1], src[1])  # grain workers receive it pickled
     with pytest.raises(IndexError):
         src[len(src)]
+
+
+@pytest.mark.parametrize("split", spec.SPLITS)
+def test_fast_parser_reads_every_stored_record_as_tfds_decodes_it(built, split):
+    src = shapes.load(split, data_dir=built, sizes=TINY)
+    assert src._fast
+    stored = src._source
+    for i in range(len(src)):
+        _same_record(records.parse_serialized(stored.data_source[i], 64), records.decode_record(stored[i]))
+
+
+def test_records_differing_in_a_value_a_dtype_or_a_field_are_not_the_same():
+    a = shapes.make_example(0, "train", 0, 32)
+    assert records.same_record(a, shapes.make_example(0, "train", 0, 32))
+    assert not records.same_record(a, shapes.make_example(0, "train", 1, 32))
+    other_dtype = {**a, "objects": {**a["objects"], "shape": a["objects"]["shape"].astype(np.int64)}}
+    assert not records.same_record(a, other_dtype)
+    assert not records.same_record(a, {**a, "index": float(a["index"])})
+    assert not records.same_record(a, {k: v for k, v in a.items() if k != "answers"})
+
+
+def test_a_layout_the_fast_parser_does_not_know_is_read_by_tfds_decoder_with_a_warning(built, monkeypatch, caplog):
+    real = records.parse_serialized
+    monkeypatch.setattr(records, "parse_serialized", lambda raw, size: {**real(raw, size), "extra": 1})
+    with caplog.at_level("WARNING"):
+        src = shapes.load("test", data_dir=built, sizes=TINY)
+    assert not src._fast
+    assert "generic decoder" in caplog.text
+    for i in (0, len(src) - 1):
+        _same_record(src[i], shapes.make_example(0, "test", i, 64))
+    _same_record(src.__getitems__([2])[0], shapes.make_example(0, "test", 2, 64))
 
 
 def test_generate_backend_matches_the_stored_data(built):

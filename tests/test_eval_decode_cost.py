@@ -16,7 +16,11 @@ class CountingPipe:
     def encode_prompt(self, prompt):
         return list(prompt[0])
 
+    def __init__(self):
+        self.calls = []
+
     def generate_ids(self, ids, seed, stream_ids, **kwargs):
+        self.calls.append((seed, list(stream_ids), len(ids)))
         longest = max(len(x) for x in ids)
         return types.SimpleNamespace(tokens=[list(x) for x in ids], steps=longest, prompt_len=16 * -(-longest // 16))
 
@@ -28,11 +32,26 @@ def test_generate_all_records_rows_passes_and_seconds_per_batch():
     cfg = common.EvalConfig(batch_size=2)
     timings: list = []
     prompts = [["ab"], ["abcd"], ["a"], ["abc"], ["ab"]]
-    out = common.generate_all(CountingPipe(), prompts, cfg, "test", timings=timings, modality="image")
+    pipe = CountingPipe()
+    out = common.generate_all(pipe, prompts, cfg, "test", timings=timings, modality="image")
     assert out == [list(p[0]) for p in prompts]
+    # The short last batch runs at the full batch's shape; its filler row is dropped from the results.
     assert [(rows, passes, shape) for rows, passes, _, shape in timings] == [(2, 4, (2, 16)), (2, 3, (2, 16)),
-                                                                            (1, 2, (1, 16))]
+                                                                            (1, 2, (2, 16))]
     assert all(seconds >= 0 for _, _, seconds, _ in timings)
+
+
+def test_a_short_last_batch_is_filled_with_copies_of_its_last_row_on_that_rows_stream():
+    cfg = common.EvalConfig(batch_size=4, seed=7)
+    pipe = CountingPipe()
+    prompts = [["ab"], ["abc"], ["a"], ["abcd"], ["abcde"], ["b"]]
+    out = common.generate_all(pipe, prompts, cfg, "test", modality="image")
+    assert out == [list(p[0]) for p in prompts]
+    # Copies share the copied row's stream, so with sampling they draw what it draws.
+    assert pipe.calls == [(7, [0, 1, 2, 3], 4), (8, [0, 1, 1, 1], 4)]
+    single = CountingPipe()  # a single batch is not filled up: no full-size loop was compiled to reuse
+    assert common.generate_all(single, prompts[:3], cfg, "test", modality="image") == [list(p[0]) for p in prompts[:3]]
+    assert single.calls == [(7, [0, 1, 2], 3)]
 
 
 def test_decode_cost_weights_passes_by_rows_and_leaves_out_compiling_batches():

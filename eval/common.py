@@ -147,8 +147,8 @@ def generate_all(pipe, prompts: Sequence[list], cfg: EvalConfig, desc: str, *, t
                  **kwargs) -> list[list]:
     """Runs `pipe.generate` over `prompts` in batches of `cfg.batch_size` with a progress bar.
 
-    Every batch has `cfg.batch_size` rows (a short last one is filled up with copies of its last
-    row, whose results are dropped), so one compiled loop serves them all.
+    A short last batch after full ones is filled up to `cfg.batch_size` rows with copies of its
+    last row, whose results are dropped, so one compiled loop serves every batch.
 
     With several processes each generates its contiguous share of every batch (rows keep
     their place in the batch, so the samples are the one-process ones) and every process

@@ -71,8 +71,9 @@ class TfdsSource(_Source):
     than by TFDS's generic decoder, whose decoding was most of the cost of reading Shapes (the
     tokenizer's data, the tokenisation of the transformer's documents, every evaluation): a read
     and parse take about a quarter of the time of a read and TFDS's decoding
-    (`python -m eval.bench.records`). When the source opens, its first record is decoded both ways; should they ever
-    differ (another TFDS version writing another layout), the source keeps TFDS's decoder and warns.
+    (`python -m eval.bench.records`). When the source opens, its first record is decoded both
+    ways; should they ever differ (another TFDS version writing another layout), the source
+    keeps TFDS's decoder and warns.
     """
 
     # One array_record read alone costs about 20 times its share of a batched read (365 against
@@ -88,7 +89,7 @@ class TfdsSource(_Source):
         self._fast = hasattr(data_source, "data_source") and (self._length == 0 or self._fast_decoding_agrees())
         if not self._fast:
             log.warning("Shapes %s: the stored records do not parse as this builder's layout; decoding them "
-                        "with TFDS's generic decoder (about 10 times slower)", split)
+                        "with TFDS's generic decoder (about four times as slow a record)", split)
 
     def _fast_decoding_agrees(self) -> bool:
         try:

@@ -8,6 +8,7 @@ data shard; every process builds the same rows and places the ones its devices h
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import jax
@@ -18,6 +19,12 @@ from chameleon_jax.generation.placement import Placement, fetch
 from chameleon_jax.sharding import use_mesh
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "reduce"))
+def _score(state, rows, graphdef, reduce):
+    logits = nnx.merge(graphdef, state)(rows["tokens"], rows["positions"], rows["segment_ids"])
+    return reduce(logits, rows)
+
+
 def score_rows(pipe, batch: dict[str, np.ndarray], batch_size: int,
                reduce: Callable[[jax.Array, dict[str, jax.Array]], Any]) -> list[Any]:
     """`reduce(logits [B, T, V], rows) -> pytree of arrays` over every chunk of `batch`'s rows.
@@ -25,17 +32,14 @@ def score_rows(pipe, batch: dict[str, np.ndarray], batch_size: int,
     `pipe` holds the model (`pipe.model`) and, when it runs on a mesh, `pipe.mesh` and
     `pipe.rules`. Returns one host pytree per chunk, in row order; a per-row output of
     the last chunk includes its padding rows (callers keep the first rows they sent).
+    The compiled program is kept per model graph, `reduce` and row shape, so a module-level
+    `reduce` called again on rows of the same shape does not compile again.
     """
     graphdef, state = nnx.split(pipe.model)
     placement = None if getattr(pipe, "mesh", None) is None else Placement.of(pipe.mesh, pipe.rules)
     if placement is not None:  # whole rows per data shard
         batch_size = placement.row_shards * -(-batch_size // placement.row_shards)
-
-    def run(state, rows):
-        logits = nnx.merge(graphdef, state)(rows["tokens"], rows["positions"], rows["segment_ids"])
-        return reduce(logits, rows)
-
-    run = jax.jit(run)
+    run = functools.partial(_score, graphdef=graphdef, reduce=reduce)
     outputs = []
     n_rows = batch["tokens"].shape[0]
     for i in range(0, n_rows, batch_size):

@@ -32,6 +32,10 @@ def task_documents(examples: list, split: str) -> list:
     return docs
 
 
+def _loss_sums(logits, rows):
+    return lm_loss_sums(logits, rows["targets"], rows["loss_weights"], rows["modality"], 0.0)
+
+
 def evaluate(pipe, cfg: common.EvalConfig) -> dict:
     cfg = common.for_pipeline(cfg, pipe)
     model, vocab = pipe.model, pipe.vocab
@@ -43,11 +47,8 @@ def evaluate(pipe, cfg: common.EvalConfig) -> dict:
         pieces += fit_to_row(encode_document(doc, vocab, codes_of, seq_cfg), seq_len, "split")
     batch = pack(pieces, seq_len, vocab.pad_id)
 
-    def loss_sums(logits, rows):
-        return lm_loss_sums(logits, rows["targets"], rows["loss_weights"], rows["modality"], 0.0)
-
     total: dict[str, float] = {}
-    for out in score_rows(pipe, batch, cfg.batch_size, loss_sums):
+    for out in score_rows(pipe, batch, cfg.batch_size, _loss_sums):
         for k, v in out.items():
             total[k] = total.get(k, 0.0) + float(v)
     n_rows = batch["tokens"].shape[0]

@@ -101,18 +101,25 @@ def decode_cost(name: str, timings: list) -> dict[str, float]:
 OBJECT_ATTRIBUTES = ("color", "shape", "size")
 
 
-def score(images: list, examples: list) -> tuple[list[bool], list[bool], dict[str, list[bool]]]:
+def judge_all(images: list) -> list:
+    """The judge's reading of each picture (None where there is no picture)."""
+    return [shapes.judge(img) if img is not None else None for img in images]
+
+
+def score(images: list, examples: list, readings: list | None = None
+          ) -> tuple[list[bool], list[bool], dict[str, list[bool]]]:
     """Exact match and object count per picture, and per asked-for object whether the judge read
     an object in its cell and which of its attributes came out right ("cell", "color", ...).
+    `readings`: the pictures' `judge_all`, when already known.
 
     The per-object figures say how a picture went wrong: on held-out (colour, shape) pairs they
     tell a model that keeps the colour and draws a shape it has seen in that colour from one that
     keeps the shape."""
     exact, count = [], []
     per_object: dict[str, list[bool]] = {k: [] for k in ("cell", *OBJECT_ATTRIBUTES)}
-    for img, ex in zip(images, examples):
+    readings = judge_all(images) if readings is None else readings
+    for found, ex in zip(readings, examples):
         truth = shapes.example_objects(ex)
-        found = shapes.judge(img) if img is not None else None
         objects = found.objects if found is not None else []
         exact.append(found is not None and shapes.canonical(objects) == shapes.canonical(truth))
         count.append(found is not None and found.num_found == len(truth))
@@ -138,10 +145,13 @@ def evaluate(pipe, cfg: common.EvalConfig, num_samples: int = 16) -> dict:
             start = time.perf_counter()
             images, candidates = draw_best_of(pipe, prompts, cfg, scale, f"t2i {tag}{suffix}", timings)
             out.update(decode_cost(f"t2i_{tag}{suffix}", timings))
-            exact, count, per_object = score(images, examples)
+            # Each picture is judged once; the kept ones are candidates, so their readings are known.
+            readings = [judge_all(c) for c in candidates]
+            reading_of = {id(img): r for c, rs in zip(candidates, readings) for img, r in zip(c, rs)}
+            exact, count, per_object = score(images, examples, [reading_of[id(img)] for img in images])
             if len(candidates) > 1:
                 out[f"t2i_{tag}{suffix}_seconds_per_prompt"] = (time.perf_counter() - start) / len(prompts)
-                each = [score(c, examples)[0] for c in candidates]
+                each = [score(c, examples, rs)[0] for c, rs in zip(candidates, readings)]
                 out[f"t2i_judge_accuracy_{tag}{suffix}_first_candidate"] = sum(each[0]) / len(each[0])
                 out[f"t2i_judge_accuracy_{tag}{suffix}_any_candidate"] = float(np.mean(np.any(each, axis=0)))
             out[f"t2i_judge_accuracy_{tag}{suffix}"] = sum(exact) / len(exact)

@@ -50,14 +50,15 @@ def caption_nll(pipe, images: Sequence[np.ndarray | None], texts: Sequence[str],
     longest = max(p.slots for p in pieces)
     row_len = min(seq_cfg.seq_len, -(-longest // 16) * 16)
     batch = stack_rows([_one_row(p, row_len, pipe.vocab.pad_id) for p in pieces])
-
-    def row_sums(logits, rows):
-        ce_bt, _ = token_cross_entropy(logits, rows["targets"])
-        return jnp.sum(ce_bt * rows["loss_weights"].astype(jnp.float32), axis=-1)
-
-    sums = np.concatenate(score_rows(pipe, batch, batch_size, row_sums))[: len(keep)]
+    sums = np.concatenate(score_rows(pipe, batch, batch_size, _row_sums))[: len(keep)]
     out[keep] = sums
     return out
+
+
+def _row_sums(logits, rows):
+    """float32 [B]: each row's summed, loss-weighted cross-entropy (module level: one compiled program)."""
+    ce_bt, _ = token_cross_entropy(logits, rows["targets"])
+    return jnp.sum(ce_bt * rows["loss_weights"].astype(jnp.float32), axis=-1)
 
 
 def _one_row(piece, row_len: int, pad_id: int) -> dict[str, np.ndarray]:

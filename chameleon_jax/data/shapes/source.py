@@ -68,9 +68,9 @@ class TfdsSource(_Source):
     """A built split read through `tfds` data sources (array_record, random access).
 
     Records are parsed by `records.parse_serialized`, which knows this builder's layout, rather
-    than by TFDS's generic decoder, whose decoding was most of the cost of reading Shapes (the
-    tokenizer's data, the tokenisation of the transformer's documents, every evaluation): a read
-    and parse take about a quarter of the time of a read and TFDS's decoding
+    than by TFDS's generic decoder, whose decoding would be most of the cost of reading Shapes
+    (the tokenizer's data, the tokenisation of the transformer's documents, every evaluation):
+    a read and parse take about a quarter of the time of a read and TFDS's decoding
     (`python -m eval.bench.records`). When the source opens, its first record is decoded both
     ways; should they ever differ (another TFDS version writing another layout), the source
     keeps TFDS's decoder and warns.
